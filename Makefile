@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:
+#   make run    -- create .venv, install fairopt with its extras, run the main job
+#   make test   -- create .venv, install fairopt with its extras, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= data,test,plot
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: setup run test bench reproduce clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+setup: $(STAMP)
+
+# The main job: FACIMS on the credit-card data with the paper protocol (SPEC §7).
+run: setup
+	$(BIN)/python -m experiments.facims $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all $(ARGS)
+
+reproduce: setup
+	$(BIN)/python -m experiments.reproduce --suite all $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
