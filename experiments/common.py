@@ -1,0 +1,151 @@
+"""Pieces shared by the experiment entry points: seeds, results files, summary tables.
+
+Results are written atomically (a temporary file in the same folder, then ``os.replace``) so a
+crash never leaves half a file, and an existing results file is never replaced unless the
+caller passes ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+PAPER_SEEDS = (0, 42, 666, 777, 1009)
+
+
+def parse_seeds(values: Sequence[str] | Sequence[int]) -> tuple[int, ...]:
+    """Seeds from an absl list flag; each must be a non-negative integer, none repeated."""
+    seeds = []
+    for value in values:
+        try:
+            seed = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--seeds must be integers, got {value!r} (e.g. --seeds=0,42,666)")
+        if seed < 0:
+            raise ValueError(f"--seeds must be >= 0, got {seed}")
+        seeds.append(seed)
+    if not seeds:
+        raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds=0")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds has repeated values: {seeds}")
+    return tuple(seeds)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool) -> Path:
+    """Write ``text`` to ``path`` atomically; refuse to replace an existing file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose another --output_dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def summarize(rows: Iterable[Mapping], *, by: str = "method", columns: Sequence[str]) -> pd.DataFrame:
+    """Mean and standard deviation (ddof=0, like numpy) of ``columns`` per value of ``by``."""
+    frame = pd.DataFrame(list(rows))
+    present = [c for c in columns if c in frame.columns]
+    grouped = frame.groupby(by, sort=False)[present]
+    mean = grouped.mean()
+    std = grouped.std(ddof=0).fillna(0.0)
+    count = grouped.size().rename("runs")
+    summary = pd.concat({"mean": mean, "std": std}, axis=1)
+    summary.columns = [f"{column}_{stat}" for stat, column in summary.columns]
+    return summary.join(count)
+
+
+def markdown_table(
+    summary: pd.DataFrame,
+    columns: Sequence[str],
+    *,
+    paper: Mapping[str, Mapping[str, float]] | None = None,
+    digits: int = 4,
+    index_name: str = "method",
+) -> str:
+    """A Markdown table of ``mean ± std`` cells; with ``paper``, a ``paper`` cell beside each."""
+    header = [index_name]
+    for column in columns:
+        header.append(column)
+        if paper is not None:
+            header.append(f"{column} (paper)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in summary.iterrows():
+        cells = [str(name)]
+        for column in columns:
+            mean, std = row.get(f"{column}_mean"), row.get(f"{column}_std")
+            cells.append("" if mean is None or pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
+            if paper is not None:
+                value = paper.get(str(name), {}).get(column)
+                cells.append("" if value is None else f"{value:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    output_dir: str | os.PathLike,
+    stem: str,
+    rows: Sequence[Mapping],
+    summary: pd.DataFrame,
+    markdown: str,
+    *,
+    config: Mapping | None = None,
+    overwrite: bool,
+) -> dict[str, Path]:
+    """Write ``<stem>.json`` (config, per-run rows, summary), ``<stem>.csv`` (per-run rows),
+    ``<stem>_summary.csv`` and ``<stem>.md``, each atomically. Checks every target first so
+    that a refused overwrite writes nothing."""
+    output_dir = Path(output_dir)
+    targets = {
+        "json": output_dir / f"{stem}.json",
+        "csv": output_dir / f"{stem}.csv",
+        "summary_csv": output_dir / f"{stem}_summary.csv",
+        "markdown": output_dir / f"{stem}.md",
+    }
+    if not overwrite:
+        existing = [str(p) for p in targets.values() if p.exists()]
+        if existing:
+            raise FileExistsError(
+                f"results exist: {', '.join(existing)}; pass --overwrite to replace them or choose another --output_dir"
+            )
+    payload = {
+        "config": _jsonable(config or {}),
+        "runs": _jsonable(list(rows)),
+        "summary": _jsonable(summary.reset_index().to_dict(orient="records")),
+    }
+    atomic_write_text(targets["json"], json.dumps(payload, indent=2) + "\n", overwrite=True)
+    atomic_write_text(targets["csv"], pd.DataFrame(list(rows)).to_csv(index=False), overwrite=True)
+    atomic_write_text(targets["summary_csv"], summary.to_csv(), overwrite=True)
+    atomic_write_text(targets["markdown"], markdown, overwrite=True)
+    return targets

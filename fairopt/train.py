@@ -1,0 +1,222 @@
+"""Shared training-loop pieces: solvers, compiled epochs, the fit loop, evaluation.
+
+Every solver in :mod:`fairopt.solvers` is a :class:`Solver` — a small NamedTuple of pure
+functions in the style of an optax ``GradientTransformation``::
+
+    solver = fairopt.solvers.erm(apply_fn, loss_fn, optax.adam(1e-3))
+    state = solver.init(key, params)
+    state, metrics = solver.step(state, batch)      # jit-able; metrics: dict of scalars
+    probs = solver.predict(state, x)                # [n, K] class probabilities
+
+Python only drives epochs; an epoch (shuffle, slice into minibatches, ``lax.scan`` over the
+steps) is one compiled function, built once per (solver, data shape) and reused.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+class Batch(NamedTuple):
+    """A minibatch of rows; ``mask`` is False on padded rows (the last batch of an epoch)."""
+
+    x: jax.Array  # [B, d]
+    y: jax.Array  # [B]
+    groups: jax.Array  # [B]
+    mask: jax.Array  # bool [B]
+
+
+class Solver(NamedTuple):
+    """Pure functions of a training method (see module docstring)."""
+
+    init: Callable[..., PyTree]
+    step: Callable[[PyTree, Any], tuple[PyTree, dict]]
+    predict: Callable[[PyTree, jax.Array], jax.Array]
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a loss or parameter becomes NaN or infinite during training."""
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``sum(values * mask) / max(sum(mask), 1)`` — 0 (with zero gradient) for an empty mask."""
+    if mask is None:
+        return jnp.mean(values)
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def shuffled_batch_indices(key: jax.Array, num_rows: int, batch_size: int):
+    """Row indices of one epoch of shuffled minibatches, padded to whole batches.
+
+    Args:
+      key: PRNG key of the epoch.
+      num_rows: rows in the training set (static).
+      batch_size: rows per minibatch (static).
+
+    Returns:
+      ``(indices [S, B], mask [S, B])`` with ``S = ceil(num_rows / batch_size)``; every row
+      appears exactly once with ``mask`` True, padding rows point at row 0 with ``mask`` False.
+    """
+    num_steps = max(1, math.ceil(num_rows / batch_size))
+    permutation = jax.random.permutation(key, num_rows)
+    padding = num_steps * batch_size - num_rows
+    indices = jnp.concatenate([permutation, jnp.zeros((padding,), permutation.dtype)])
+    mask = jnp.arange(num_steps * batch_size) < num_rows
+    return indices.reshape(num_steps, batch_size), mask.reshape(num_steps, batch_size)
+
+
+def make_epoch_fn(step: Callable, *, num_rows: int, batch_size: int) -> Callable:
+    """Compile one epoch of ``step`` over shuffled minibatches of ``(x, y, groups)``.
+
+    Returns:
+      ``run_epoch(state, x, y, groups, key) -> (state, mean metrics over the epoch's steps)``,
+      jitted; every call with the same shapes reuses the compiled function.
+    """
+
+    def run_epoch(state, x, y, groups, key):
+        indices, mask = shuffled_batch_indices(key, num_rows, batch_size)
+
+        def body(state, batch_indices_and_mask):
+            rows, rows_mask = batch_indices_and_mask
+            return step(state, Batch(x[rows], y[rows], groups[rows], rows_mask))
+
+        state, metrics = jax.lax.scan(body, state, (indices, mask))
+        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return jax.jit(run_epoch)
+
+
+def check_finite(tree: PyTree, *, what: str, epoch: int) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` and the epoch if any leaf is NaN/inf."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    for path, leaf in leaves:
+        array = np.asarray(leaf)
+        if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+            name = jax.tree_util.keystr(path)
+            raise NonFiniteError(
+                f"non-finite {what}{name} at the end of epoch {epoch}; lower the learning rate "
+                f"or check the inputs (the last good checkpoint, if any, is kept on disk)"
+            )
+
+
+class Progress:
+    """Prints ``[name] epoch e/E metrics | elapsed | ETA`` lines to stderr."""
+
+    def __init__(self, name: str, total: int, *, every: int = 1, stream=None, enabled: bool = True):
+        self.name, self.total, self.every = name, total, max(1, every)
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def advance(self, metrics: Mapping[str, float] | None = None) -> None:
+        """One more unit of work done."""
+        self.update(self.done + 1, metrics)
+
+    def update(self, done: int, metrics: Mapping[str, float] | None = None) -> None:
+        self.done = done
+        if not self.enabled or (done % self.every and done != self.total):
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - done)
+        shown = " ".join(f"{k}={float(v):.4f}" for k, v in (metrics or {}).items())
+        print(
+            f"[{self.name}] {done}/{self.total} {shown} | {elapsed:.1f}s elapsed, ETA {eta:.1f}s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def fit(
+    solver: Solver,
+    state: PyTree,
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    key: jax.Array,
+    epoch_fn: Callable | None = None,
+    on_epoch_end: Callable[[int, PyTree, dict], None] | None = None,
+    progress: Progress | None = None,
+) -> tuple[PyTree, list[dict]]:
+    """Train ``solver`` for ``epochs`` epochs of shuffled minibatches.
+
+    Args:
+      solver: the method; its ``step`` consumes :class:`Batch`.
+      state: the solver state from ``solver.init``.
+      x, y, groups: training arrays (rows in the first axis).
+      epochs: number of passes over the data.
+      batch_size: rows per minibatch (the last batch of an epoch is padded and masked).
+      key: PRNG key; epoch ``e`` uses ``fold_in(key, e)`` so a resumed run is identical.
+      epoch_fn: a compiled epoch from :func:`make_epoch_fn` to reuse across seeds/methods.
+      on_epoch_end: called as ``on_epoch_end(epoch, state, metrics)`` (epochs count from 1).
+      progress: a :class:`Progress` printer.
+
+    Returns:
+      The final state and the per-epoch metrics (floats).
+
+    Raises:
+      NonFiniteError: if the epoch metrics or the state stop being finite.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    x, y, groups = jnp.asarray(x), jnp.asarray(y), jnp.asarray(groups)
+    if epoch_fn is None:
+        epoch_fn = make_epoch_fn(solver.step, num_rows=int(x.shape[0]), batch_size=batch_size)
+    history = []
+    for epoch in range(1, epochs + 1):
+        state, metrics = epoch_fn(state, x, y, groups, jax.random.fold_in(key, epoch))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        check_finite(metrics, what="training metric ", epoch=epoch)
+        history.append(metrics)
+        if progress is not None:
+            progress.update(epoch, metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, state, metrics)
+    check_finite(state, what="solver state ", epoch=epochs)
+    return state, history
+
+
+def predict_in_batches(predict: Callable, state: PyTree, x: np.ndarray, *, batch_size: int = 8192):
+    """``predict(state, x)`` over large inputs in fixed-size chunks (one compilation)."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[0]
+    jitted = jax.jit(predict)
+    outputs = []
+    for start in range(0, n, batch_size):
+        chunk = x[start : start + batch_size]
+        pad = batch_size - chunk.shape[0] if n > batch_size else 0
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        out = np.asarray(jitted(state, chunk))
+        outputs.append(out[: out.shape[0] - pad] if pad else out)
+    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+def evaluate(predict: Callable, state: PyTree, dataset, **report_kwargs) -> dict[str, float]:
+    """All metrics of :func:`fairopt.metrics.report` of ``predict`` on a :class:`Dataset`."""
+    from fairopt import metrics  # local import: metrics is a sibling module
+
+    probs = predict_in_batches(predict, state, dataset.features)
+    return metrics.report(
+        probs,
+        dataset.labels,
+        dataset.groups,
+        num_classes=dataset.num_classes,
+        num_groups=dataset.num_groups,
+        **report_kwargs,
+    )
