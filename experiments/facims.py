@@ -26,7 +26,7 @@ from absl import app, flags
 
 from experiments import common
 from fairopt import data, losses, models
-from fairopt.solvers import erm
+from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import DIVERGENCES, INVERSES, METHODS, VALIDATION_LOSSES, FacimsConfig, facims
 from fairopt.train import Progress, evaluate, fit
 
@@ -152,7 +152,7 @@ def run_baseline(method, splits, original_train, seed, progress):
     loss_name = "ce" if method == "erm" else "weighted_ce"
     loss_fn = losses.make_loss(loss_name, class_counts=original_train.class_counts)
     steps_per_epoch = -(-len(dataset) // FLAGS.batch_size)
-    solver = erm.erm(apply_fn, loss_fn, optax.adam(FLAGS.baseline_lr), steps_per_epoch=steps_per_epoch)
+    solver = erm(apply_fn, loss_fn, optax.adam(FLAGS.baseline_lr), steps_per_epoch=steps_per_epoch)
     state = solver.init(jax.random.key(seed + 1), params)
     state, _ = fit(
         solver,

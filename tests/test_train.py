@@ -1,0 +1,137 @@
+"""Training-loop pieces (fairopt.train), the ERM solver and the experiment results helpers."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import common
+from fairopt import train
+from fairopt.solvers.erm import erm
+
+
+def test_masked_mean_ignores_padding_and_is_zero_when_empty():
+    values = jnp.array([1.0, 2.0, 100.0])
+    assert float(train.masked_mean(values, jnp.array([True, True, False]))) == pytest.approx(1.5)
+    assert float(train.masked_mean(values, None)) == pytest.approx(103.0 / 3)
+    empty = jnp.zeros(3, bool)
+    assert float(train.masked_mean(values, empty)) == 0.0
+    grad = jax.grad(lambda v: train.masked_mean(v, empty))(values)
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
+
+
+@pytest.mark.parametrize("num_rows,batch_size", [(10, 3), (9, 3), (2, 5)])
+def test_shuffled_batch_indices_cover_every_row_once(num_rows, batch_size):
+    indices, mask = train.shuffled_batch_indices(jax.random.key(0), num_rows, batch_size)
+    steps = -(-num_rows // batch_size)
+    assert indices.shape == mask.shape == (steps, batch_size)
+    chosen = np.asarray(indices)[np.asarray(mask)]
+    np.testing.assert_array_equal(np.sort(chosen), np.arange(num_rows))
+    assert int(mask.sum()) == num_rows
+
+
+def test_check_finite_names_the_leaf_and_epoch():
+    train.check_finite({"a": jnp.ones(2)}, what="state ", epoch=1)
+    with pytest.raises(train.NonFiniteError, match=r"state \['b'\] at the end of epoch 7"):
+        train.check_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.nan])}, what="state ", epoch=7)
+
+
+def _logistic_problem(seed=0, n=200, d=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = np.array([2.0, -1.0, 0.5], np.float32)
+    y = (x @ w + 0.3 * rng.normal(size=n) > 0).astype(np.int32)
+    groups = (x[:, 0] > 0).astype(np.int32)
+    return x, y, groups
+
+
+def _linear_apply(params, x):
+    return x @ params["w"] + params["b"]
+
+
+def _ce(logits, labels, groups, epoch):
+    del groups, epoch
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def test_erm_fit_learns_a_separable_problem_and_is_deterministic():
+    x, y, groups = _logistic_problem()
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    solver = erm(_linear_apply, _ce, optax.sgd(0.5), steps_per_epoch=4)
+    runs = []
+    for _ in range(2):
+        state = solver.init(jax.random.key(0), params)
+        state, history = train.fit(
+            solver, state, x, y, groups, epochs=20, batch_size=64, key=jax.random.key(1)
+        )
+        runs.append(state)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    accuracy = np.mean(np.argmax(train.predict_in_batches(solver.predict, runs[0], x), -1) == y)
+    assert accuracy > 0.9
+    assert int(runs[0].step) == 20 * 4
+    jax.tree_util.tree_map(np.testing.assert_array_equal, runs[0].params, runs[1].params)
+
+
+def test_fit_stops_with_a_named_error_on_divergence():
+    x, y, groups = _logistic_problem()
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+
+    def exploding(logits, labels, groups, epoch):
+        return _ce(logits, labels, groups, epoch) * jnp.inf
+
+    solver = erm(_linear_apply, exploding, optax.sgd(0.1))
+    with pytest.raises(train.NonFiniteError, match="epoch 1"):
+        train.fit(solver, solver.init(None, params), x, y, groups, epochs=3, batch_size=50, key=jax.random.key(0))
+
+
+def test_fit_rejects_bad_arguments():
+    x, y, groups = _logistic_problem()
+    solver = erm(_linear_apply, _ce, optax.sgd(0.1))
+    state = solver.init(None, {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
+    with pytest.raises(ValueError, match="batch_size"):
+        train.fit(solver, state, x, y, groups, epochs=1, batch_size=0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="epochs"):
+        train.fit(solver, state, x, y, groups, epochs=-1, batch_size=4, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        erm(_linear_apply, _ce, optax.sgd(0.1), steps_per_epoch=0)
+
+
+def test_predict_in_batches_matches_one_call_with_padding():
+    x, _, _ = _logistic_problem(n=50)
+    state = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    predict = lambda s, x: jax.nn.softmax(_linear_apply(s, x))  # noqa: E731
+    np.testing.assert_allclose(
+        train.predict_in_batches(predict, state, x, batch_size=16), np.asarray(predict(state, x)), rtol=1e-6
+    )
+
+
+def test_parse_seeds_validates():
+    assert common.parse_seeds(["0", "42"]) == (0, 42)
+    for bad, message in ((["x"], "integers"), (["-1"], ">= 0"), ([], "empty"), (["1", "1"], "repeated")):
+        with pytest.raises(ValueError, match=message):
+            common.parse_seeds(bad)
+
+
+def test_write_results_is_atomic_and_refuses_to_overwrite(tmp_path):
+    rows = [dict(method="a", seed=0, x=1.0), dict(method="a", seed=1, x=3.0), dict(method="b", seed=0, x=float("nan"))]
+    summary = common.summarize(rows, by="method", columns=["x"])
+    assert summary.loc["a", "x_mean"] == pytest.approx(2.0)
+    assert summary.loc["a", "x_std"] == pytest.approx(1.0)
+    markdown = common.markdown_table(summary, ["x"], paper={"a": {"x": 2.5}})
+    assert "2.0000 ± 1.0000" in markdown and "2.5000" in markdown
+    targets = common.write_results(tmp_path, "run", rows, summary, markdown, config={"k": 1}, overwrite=False)
+    payload = json.loads(targets["json"].read_text())
+    assert payload["config"] == {"k": 1}
+    assert payload["runs"][2]["x"] is None  # NaN is written as null, never as invalid JSON
+    before = targets["csv"].read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        common.write_results(tmp_path, "run", rows[:1], summary, markdown, overwrite=False)
+    assert targets["csv"].read_text() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    common.write_results(tmp_path, "run", rows[:1], summary, markdown, overwrite=True)
+    assert targets["csv"].read_text() != before
