@@ -1,0 +1,767 @@
+r"""AutoBalance: bilevel design of a parametric training loss (search, then retrain).
+
+Li, Zhang, Thrampoulidis, Chen, Oymak, "AutoBalance: Optimized Loss Functions for Imbalanced
+Data", NeurIPS 2021 — Algorithm 1 (search and retrain phases) with the hypergradient of
+Algorithm 2 (implicit differentiation with a Neumann series), SPEC §6.
+
+**Lower level** (model ``theta`` on the search-train split ``S_T``), the parametric
+cross-entropy of eq. (2.2) / (4.2) with personalised augmentation ``A``:
+
+.. math::
+    \ell_{train}(y, g, x; \alpha) = -w_{yg}\,\log
+      \frac{\exp(\sigma(d_{yg}) f_y(A_y(x)) + l_{yg})}{\sum_k \exp(\sigma(d_{kg}) f_k(A_y(x)) + l_{kg})},
+
+reduced over a batch as the weighted mean ``sum_i w_i l_i / sum_i w_i`` (the PyTorch
+``cross_entropy(weight=...)`` reduction of the official code). Without the group axis every
+parameter is indexed by the class only (eq. 2.2). ``Delta = sigmoid(d)`` (the paper clamps
+Delta into (0, 1)).
+
+**Upper level** (hyperparameters ``alpha`` on the search-validation split ``S_V``): the
+validation objective
+
+.. math::
+    \mathcal{L}_{fair} = (1 - \lambda_{val})\,\mathcal{L}_{base} + \lambda_{val}\,\mathrm{CE}_{deo},
+    \qquad \mathcal{L}_{base} \in \{\mathrm{CE}, \mathrm{CE}_{bal}, \mathrm{CE}^G_{bal}, \mathrm{CE}_{deo}\},
+
+(paper §2.1 and §4; Table 3 uses ``CE`` with ``lambda_val = 0.1``), minimised with the implicit
+hypergradient (SPEC §5, :func:`fairopt.implicit.implicit_hypergradient`)
+
+.. math::
+    \frac{d\mathcal{L}_{fair}}{d\alpha} = -\,\partial^2_{\alpha,\theta}\mathcal{L}_{train}\,
+      H^{-1}\,\nabla_\theta \mathcal{L}_{fair}, \qquad H = \nabla^2_\theta \mathcal{L}_{train},
+
+where ``L_train`` is averaged over ``train_batches`` train batches (the official ``d_train``) and
+``L_fair`` over ``val_batches`` validation batches, and ``H^{-1} v`` is the Neumann series with
+``alpha = 1, J = 5`` (official code) unless configured otherwise.
+
+**Algorithm 1.** Search phase: ``warmup_epochs`` epochs with the initial loss; afterwards, every
+``iter_interval`` lower steps, one upper step (before the lower step, as in the official code).
+Retrain phase: freeze ``alpha``, reset the model, train on ``S_T ∪ S_V`` for the same number of
+epochs (:func:`retrain_solver`, :func:`search_and_retrain`).
+
+Search spaces (``search_space``, :mod:`fairopt.hparams`): ``"la_tau"`` (``l = tau log pi``, the
+paper's "tau of LA loss"), ``"shift"`` (``l``), ``"scale"`` (``Delta``), ``"shift_scale"``
+(``l & Delta``), ``"weight"`` (``w``); ``augment=True`` adds the per-class augmentation radii
+(:mod:`fairopt.augment`, Lemma 2). Inits (``init``): ``"ones"`` (``w = 1, l = 0, d = 1``, i.e.
+``Delta = sigmoid(1) = 0.731``, the official ``Ones/Zeros``), ``"la"`` (``l = tau log pi``), and
+the CDT / VS inits of :func:`fairopt.hparams.init_hparams`. Class clustering
+(``cluster_size = C``, §2.2, :func:`fairopt.hparams.class_clusters`): classes sorted by training
+frequency are grouped into contiguous blocks of ``C`` (a smaller last block is allowed) and
+share one hyperparameter, ``alpha_full = D alpha'`` with the ``K x K'`` indicator ``D``. With
+``per_group`` every raw leaf is ``[K', G]`` (eq. 4.2).
+
+Decisions and deviations from the official code (github.com/ucr-optml/AutoBalance):
+
+* Weights are ``w = exp(u)`` (:func:`fairopt.hparams.to_loss_kwargs`) so the upper level cannot
+  make them negative (the official code updates raw weights, and never searched them in its
+  configs). Augmentation radii are ``eps = softplus(r)``.
+* The "la" init of the (class, group) loss repeats the per-class ``tau log pi_k`` over groups
+  (:func:`fairopt.hparams.init_hparams`).
+* The inner loss of the hypergradient includes the lower level's L2 penalty
+  ``(weight_decay / 2) ||theta||^2`` (SGD with weight decay minimises exactly that), which
+  keeps the Hessian positive definite; the official code leaves it out of ``d_train``.
+* The official code additionally takes, at every lower step of the search, an upper-optimiser
+  step on the *direct* gradient of the validation loss, which is zero for these
+  hyperparameters (with old PyTorch ``zero_grad`` semantics that step still applied momentum
+  and weight decay every iteration). fairopt updates ``alpha`` only at hypergradient steps.
+* Neumann series: fairopt's :func:`fairopt.implicit.neumann_inverse_hvp` returns
+  ``alpha sum_j (I - alpha H)^j v`` (equal to the official code's at ``alpha = 1``).
+* The Table 1 image pipelines (ResNet-32, AutoAugment policies for PDA) are replaced by MLPs
+  on tabular features and the spherical augmentation of Lemma 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fairopt import augment as augment_lib
+from fairopt import hparams as hparams_lib
+from fairopt import implicit, losses
+from fairopt.train import Batch, Progress, Solver, check_finite, fit, make_epoch_fn, shuffled_batch_indices
+
+SEARCH_SPACES = hparams_lib.SEARCH_SPACES  # ("la_tau", "shift", "scale", "shift_scale", "weight")
+INITS = hparams_lib.INITS  # ("ones", "zeros", "la", "cdt", "vs")
+VAL_OBJECTIVES = losses.VALIDATION_OBJECTIVES  # ("ce", "balanced_ce", "group_balanced_ce", "deo", "blend")
+UPPER_OPTIMIZERS = ("sgd", "adam")
+DEO_REDUCTIONS = losses.DEO_REDUCTIONS
+_GROUP_OBJECTIVES = ("group_balanced_ce", "deo", "blend")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoBalanceConfig:
+    """Hyperparameters of :func:`autobalance` (defaults: the official CIFAR settings, SPEC §6).
+
+    Attributes:
+      search_space: one of :data:`SEARCH_SPACES` (``la_tau``, ``shift``, ``scale``,
+        ``shift_scale``, ``weight``).
+      init: one of :data:`INITS` (``ones``/``zeros``: w = 1, l = 0, d = 1; ``la``: l = tau log pi).
+      tau: logit-adjustment temperature of the LA init (and the start of ``la_tau``).
+      val_objective: validation objective, one of :data:`VAL_OBJECTIVES`
+        (:func:`fairopt.losses.make_validation_objective`): ``ce``, ``balanced_ce`` (CE_bal),
+        ``group_balanced_ce`` (CE_bal^G), ``deo`` (CE_deo, eq. 4.1) or ``blend``
+        (``(1 - lambda_val) CE + lambda_val CE_deo``).
+      lambda_val: the blend weight, in [0, 1] (used by ``blend`` only).
+      deo_reduce: reduction over groups of the DEO surrogate for G > 2 (``"mean"`` or ``"max"``).
+      cluster_size: classes per frequency cluster ``C`` (1: no clustering).
+      per_group: (class, group) hyperparameters of eq. (4.2).
+      augment: learn per-class spherical augmentation radii (Lemma 2).
+      augment_radius_init: initial radius ``eps_y`` for every class.
+      epochs: search epochs (the retrain phase uses the same number).
+      warmup_epochs: epochs with the initial loss before the first upper step.
+      iter_interval: lower steps between upper steps.
+      train_batches: train batches averaged in ``d_train`` (the inner loss of the hypergradient).
+      val_batches: validation batches averaged in the validation gradient (all validation rows
+        are used when there are fewer than ``val_batches * batch_size``).
+      batch_size: rows per lower step.
+      lower_learning_rate, lower_momentum, lower_weight_decay: SGD of the model.
+      upper_optimizer: ``"sgd"`` (official) or ``"adam"``.
+      upper_learning_rate, upper_momentum, upper_weight_decay: optimiser of ``alpha``.
+      lr_decay_fractions: fractions of the epochs where both learning rates are multiplied by
+        ``lr_decay_factor`` (official: epochs 220 and 260 of 300).
+      lr_decay_factor: the decay factor.
+      inverse: ``"neumann"``, ``"cg"`` or ``"exact"`` (tiny models only).
+      neumann_alpha, inverse_terms: Neumann step and terms (also CG iterations).
+      damping: ``H + damping I`` in the inverse.
+      max_hypergrad_norm: clip the hypergradient to this global norm (None: no clipping).
+    """
+
+    search_space: str = "shift_scale"
+    init: str = "ones"
+    tau: float = 1.0
+    val_objective: str = "balanced_ce"
+    lambda_val: float = 0.1
+    deo_reduce: str = "mean"
+    cluster_size: int = 1
+    per_group: bool = False
+    augment: bool = False
+    augment_radius_init: float = 0.1
+    epochs: int = 300
+    warmup_epochs: int = 120
+    iter_interval: int = 20
+    train_batches: int = 10
+    val_batches: int = 10
+    batch_size: int = 128
+    lower_learning_rate: float = 0.1
+    lower_momentum: float = 0.9
+    lower_weight_decay: float = 1e-4
+    upper_optimizer: str = "sgd"
+    upper_learning_rate: float = 0.01
+    upper_momentum: float = 0.9
+    upper_weight_decay: float = 1e-4
+    lr_decay_fractions: tuple[float, ...] = (220 / 300, 260 / 300)
+    lr_decay_factor: float = 0.1
+    inverse: str = "neumann"
+    neumann_alpha: float = 1.0
+    inverse_terms: int = 5
+    damping: float = 0.0
+    max_hypergrad_norm: float | None = None
+
+    def __post_init__(self):
+        for name, value, choices in (
+            ("search_space", self.search_space, SEARCH_SPACES),
+            ("init", self.init, INITS),
+            ("val_objective", self.val_objective, VAL_OBJECTIVES),
+            ("upper_optimizer", self.upper_optimizer, UPPER_OPTIMIZERS),
+            ("inverse", self.inverse, implicit.INVERSES),
+            ("deo_reduce", self.deo_reduce, DEO_REDUCTIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"AutoBalanceConfig.{name}={value!r}; choose one of {', '.join(choices)}")
+        if not 0.0 <= self.lambda_val <= 1.0:
+            raise ValueError(f"AutoBalanceConfig.lambda_val must be in [0, 1], got {self.lambda_val}")
+        for name in ("cluster_size", "epochs", "iter_interval", "train_batches", "val_batches", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AutoBalanceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"AutoBalanceConfig.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
+            )
+        for name in ("lower_learning_rate", "upper_learning_rate", "neumann_alpha", "lr_decay_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"AutoBalanceConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "lower_momentum",
+            "upper_momentum",
+            "lower_weight_decay",
+            "upper_weight_decay",
+            "damping",
+            "augment_radius_init",
+            "inverse_terms",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AutoBalanceConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.inverse == "cg" and self.inverse_terms < 1:
+            raise ValueError("AutoBalanceConfig.inverse_terms must be >= 1 with inverse='cg' (CG iterations)")
+        if any(not 0.0 < f < 1.0 for f in self.lr_decay_fractions):
+            raise ValueError(f"AutoBalanceConfig.lr_decay_fractions must lie in (0, 1), got {self.lr_decay_fractions}")
+        if self.max_hypergrad_norm is not None and not self.max_hypergrad_norm > 0:
+            raise ValueError(f"AutoBalanceConfig.max_hypergrad_norm must be None or > 0, got {self.max_hypergrad_norm}")
+
+    @property
+    def objective_name(self) -> str:
+        """A readable name of the validation objective, e.g. ``0.9*ce+0.1*deo``."""
+        if self.val_objective != "blend":
+            return self.val_objective
+        return f"{1 - self.lambda_val:g}*ce+{self.lambda_val:g}*deo"
+
+
+class AutoBalanceHparams(NamedTuple):
+    """Everything the upper level learns (raw, unconstrained; a pytree).
+
+    Attributes:
+      loss: :class:`fairopt.hparams.LossHparams` (raw ``weight``, ``shift``, ``scale_logit``;
+        leaves ``[K']``, ``[K', G]``, or ``[1]`` / ``[1, G]`` for the ``la_tau`` shift).
+      radius: ``[K']`` raw augmentation radii, ``eps = softplus(D radius)``.
+    """
+
+    loss: hparams_lib.LossHparams
+    radius: jax.Array
+
+
+class LossParams(NamedTuple):
+    """Effective per-class (``[K]``) or per-(class, group) (``[K, G]``) loss parameters."""
+
+    weight: jax.Array
+    shift: jax.Array
+    scale: jax.Array
+    radius: jax.Array  # [K] (zeros without augmentation)
+
+
+class AutoBalanceState(NamedTuple):
+    params: Any
+    opt_state: Any
+    hparams: AutoBalanceHparams
+    hparam_opt_state: Any
+    step: jax.Array  # int32: lower steps taken
+    key: jax.Array  # raw uint32 key data (jax.random.key_data), so numpy-based checks accept it
+
+
+class HyperData(NamedTuple):
+    """Full search-train and search-validation arrays (sampled inside the upper step)."""
+
+    train_x: jax.Array
+    train_y: jax.Array
+    train_groups: jax.Array
+    val_x: jax.Array
+    val_y: jax.Array
+    val_groups: jax.Array
+
+
+class SearchBatch(NamedTuple):
+    """What one search step consumes: a lower minibatch and the data of the upper level."""
+
+    train: Batch
+    data: HyperData
+
+
+def _key_data(key: jax.Array) -> jax.Array:
+    """Raw key data of a typed key (``jax.random.key``) or of a legacy ``PRNGKey`` array."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key)
+
+
+def _lr_schedule(base: float, config: AutoBalanceConfig, total_steps: int):
+    boundaries = {int(round(f * total_steps)): config.lr_decay_factor for f in config.lr_decay_fractions}
+    boundaries = {b: s for b, s in boundaries.items() if 0 < b < total_steps}
+    if not boundaries:
+        return base
+    return optax.piecewise_constant_schedule(base, boundaries)
+
+
+class AutoBalanceSolver(NamedTuple):
+    """A :class:`fairopt.train.Solver` with the extra pure functions of the bilevel method.
+
+    Attributes:
+      init: ``init(key, params, hparams=None) -> AutoBalanceState`` (``hparams``: start from
+        given raw hyperparameters, e.g. the searched ones for the retrain phase).
+      step: search phase: ``step(state, SearchBatch)``; retrain phase: ``step(state, Batch)``.
+      predict: ``predict(state, x) -> probabilities [n, K]`` (plain softmax of the model; the
+        loss adjustments act only during training).
+      loss_params: ``loss_params(raw) -> LossParams`` (the effective ``[K]`` / ``[K, G]`` values).
+      train_objective: ``train_objective(params, raw, x, y, groups, mask, noise) -> scalar``.
+      val_objective: ``val_objective(params, x, y, groups, mask) -> scalar``.
+      hypergradient: ``hypergradient(params, raw, train_rows, val_rows, noise) -> (AutoBalanceHparams,
+        val objective)``, with ``train_rows`` / ``val_rows`` as :class:`Batch`; the search-space
+        mask is applied (non-searched entries are zero).
+      initial_hparams: ``initial_hparams() -> AutoBalanceHparams`` from ``init`` / ``tau``.
+      config: the :class:`AutoBalanceConfig`.
+      class_counts, cell_counts, num_features: what the solver was built from (the retrain
+        phase reuses them, :func:`retrain_solver`).
+    """
+
+    init: Callable
+    step: Callable
+    predict: Callable
+    loss_params: Callable
+    train_objective: Callable
+    val_objective: Callable
+    hypergradient: Callable
+    initial_hparams: Callable
+    config: AutoBalanceConfig
+    class_counts: np.ndarray
+    cell_counts: np.ndarray | None
+    num_features: int
+
+
+def autobalance(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    config: AutoBalanceConfig,
+    *,
+    class_counts: Sequence[int],
+    cell_counts: np.ndarray | None = None,
+    num_features: int,
+    steps_per_epoch: int,
+    search: bool = True,
+) -> AutoBalanceSolver:
+    """Build the AutoBalance solver (search phase, or the frozen-loss retrain phase).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits [B, K]``.
+      config: :class:`AutoBalanceConfig`.
+      class_counts: ``[K]`` training class counts of the split the loss is designed on (they set
+        the clusters and the LA init).
+      cell_counts: ``[K, G]`` (class, group) counts; required with ``config.per_group`` or with a
+        group validation objective (``group_balanced_ce``, ``deo``, ``blend``); they give ``G``.
+      num_features: input dimension ``d`` (for the augmentation noise).
+      steps_per_epoch: lower steps per epoch (sets the warm-up and the learning-rate decay).
+      search: True for the search phase (upper steps after the warm-up); False for the retrain
+        phase (hyperparameters frozen, ``step`` consumes a plain :class:`Batch`).
+
+    Returns:
+      An :class:`AutoBalanceSolver`.
+
+    Raises:
+      ValueError: inconsistent counts or configuration (the message names the argument).
+    """
+    if not isinstance(config, AutoBalanceConfig):
+        raise ValueError(f"config must be an AutoBalanceConfig, got {type(config).__name__}")
+    class_counts = np.asarray(class_counts)
+    if class_counts.ndim != 1 or class_counts.size < 2:
+        raise ValueError(f"class_counts must be a [K] vector with K >= 2, got shape {class_counts.shape}")
+    num_classes = int(class_counts.size)
+    needs_groups = config.per_group or config.val_objective in _GROUP_OBJECTIVES
+    if cell_counts is not None:
+        cell_counts = np.asarray(cell_counts)
+        if cell_counts.ndim != 2 or cell_counts.shape[0] != num_classes:
+            raise ValueError(f"cell_counts must be [K={num_classes}, G], got shape {cell_counts.shape}")
+        num_groups = int(cell_counts.shape[1])
+    elif needs_groups:
+        raise ValueError(
+            "cell_counts ([K, G] (class, group) counts) is required with per_group=True or a group "
+            f"validation objective (val_objective={config.val_objective!r})"
+        )
+    else:
+        num_groups = 1
+    if config.per_group and num_groups < 2:
+        raise ValueError(f"per_group=True needs cell_counts with G >= 2 groups, got G={num_groups}")
+    if config.cluster_size > num_classes:
+        raise ValueError(f"config.cluster_size={config.cluster_size} exceeds the number of classes {num_classes}")
+    if num_features < 1 or steps_per_epoch < 1:
+        raise ValueError(f"num_features and steps_per_epoch must be >= 1, got {num_features}, {steps_per_epoch}")
+
+    space = hparams_lib.make_search_space(
+        config.search_space,
+        np.maximum(class_counts, 1),  # LA/CDT inits need positive counts
+        init=config.init,
+        cluster_size=config.cluster_size,
+        num_groups=num_groups if config.per_group else None,
+        tau=config.tau,
+    )
+    clusters = jnp.asarray(space.dictionary.weight)  # [K, K'] frequency clusters
+    num_clusters = int(clusters.shape[1])
+    validation = losses.make_validation_objective(
+        config.val_objective,
+        num_classes=num_classes,
+        num_groups=num_groups,
+        lambda_val=config.lambda_val,
+        reduce=config.deo_reduce,
+    )
+    trainable = AutoBalanceHparams(space.trainable, config.augment)
+
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+    lower_optimizer = optax.chain(
+        optax.add_decayed_weights(config.lower_weight_decay),
+        optax.sgd(_lr_schedule(config.lower_learning_rate, config, total_steps), momentum=config.lower_momentum or None),
+    )
+    upper_lr = _lr_schedule(config.upper_learning_rate, config, total_steps)
+    if config.upper_optimizer == "sgd":
+        upper_base = optax.sgd(upper_lr, momentum=config.upper_momentum or None)
+    else:
+        upper_base = optax.adam(upper_lr)
+    upper_optimizer = optax.partition(
+        {
+            "train": optax.chain(optax.add_decayed_weights(config.upper_weight_decay), upper_base),
+            "freeze": optax.set_to_zero(),
+        },
+        jax.tree_util.tree_map(lambda keep: "train" if keep else "freeze", trainable),
+    )
+
+    def initial_hparams() -> AutoBalanceHparams:
+        radius_raw = np.log(np.expm1(max(config.augment_radius_init, 1e-6)))  # softplus^{-1}
+        return AutoBalanceHparams(space.hparams, jnp.full((num_clusters,), radius_raw, jnp.float32))
+
+    def loss_params(raw: AutoBalanceHparams) -> LossParams:
+        kwargs = hparams_lib.to_loss_kwargs(raw.loss, space.dictionary)
+        if config.augment:
+            radius = jax.nn.softplus(hparams_lib.expand(raw.radius, clusters))
+        else:
+            radius = jnp.zeros((num_classes,), jnp.float32)
+        return LossParams(weight=kwargs["weight"], shift=kwargs["shift"], scale=kwargs["scale"], radius=radius)
+
+    def train_objective(params, raw: AutoBalanceHparams, x, y, groups, mask, noise):
+        """Weighted mean ``sum_i w_i l_i / sum_i w_i`` of the parametric CE (2.2)/(4.2)."""
+        loss = loss_params(raw)
+        if config.augment:
+            x = augment_lib.spherical_augment(x, y, loss.radius, noise)
+        logits = apply_fn(params, x)
+        if config.per_group:
+            per_example = losses.vs_loss(
+                logits, y, weight=loss.weight, shift=loss.shift, scale=loss.scale, groups=groups
+            )
+            row_weight = loss.weight[y, groups]
+        else:
+            per_example = losses.vs_loss(logits, y, weight=loss.weight, shift=loss.shift, scale=loss.scale)
+            row_weight = loss.weight[y]
+        mask = mask.astype(per_example.dtype)
+        return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(row_weight * mask), 1e-12)
+
+    def val_objective(params, x, y, groups, mask):
+        """The validation objective ``config.val_objective`` of the plain cross-entropy."""
+        per_example = losses.cross_entropy(apply_fn(params, x), y)
+        return validation(per_example, y, groups, mask)
+
+    def inner_loss_fn(train_rows: Batch, noise):
+        def inner(params, raw):
+            l2 = 0.5 * config.lower_weight_decay * optax.tree.norm(params, squared=True)
+            return train_objective(params, raw, train_rows.x, train_rows.y, train_rows.groups, train_rows.mask, noise) + l2
+
+        return inner
+
+    def hypergradient(params, raw: AutoBalanceHparams, train_rows: Batch, val_rows: Batch, noise):
+        # The validation rows are closed over rather than passed as ``outer_args``:
+        # implicit_hypergradient differentiates its outer_args, which fails on integer labels.
+        def outer(params, raw):
+            del raw  # L_fair does not depend on alpha directly (paper §2.1)
+            return val_objective(params, val_rows.x, val_rows.y, val_rows.groups, val_rows.mask)
+
+        grads, _ = implicit.implicit_hypergradient(
+            inner_loss_fn(train_rows, noise),
+            outer,
+            params,
+            raw,
+            (),
+            inverse=config.inverse,
+            alpha=config.neumann_alpha,
+            num_terms=config.inverse_terms,
+            cg_iters=max(config.inverse_terms, 1),
+            damping=config.damping,
+        )
+        grads = AutoBalanceHparams(
+            hparams_lib.freeze_gradients(grads.loss, space.trainable),
+            grads.radius if config.augment else jnp.zeros_like(grads.radius),
+        )
+        value = val_objective(params, val_rows.x, val_rows.y, val_rows.groups, val_rows.mask)
+        return grads, value
+
+    def init(key, params, hparams: AutoBalanceHparams | None = None) -> AutoBalanceState:
+        raw = initial_hparams() if hparams is None else jax.tree_util.tree_map(jnp.asarray, hparams)
+        return AutoBalanceState(
+            params=params,
+            opt_state=lower_optimizer.init(params),
+            hparams=raw,
+            hparam_opt_state=upper_optimizer.init(raw),
+            step=jnp.zeros((), jnp.int32),
+            key=_key_data(key),
+        )
+
+    def _noise(key, shape):
+        if not config.augment:
+            return jnp.zeros(shape, jnp.float32)
+        return augment_lib.unit_ball_noise(key, shape)
+
+    def _sample_rows(key, x, y, groups, num_batches):
+        """``num_batches * batch_size`` rows drawn without replacement (or all rows if fewer)."""
+        num_rows = x.shape[0]
+        wanted = num_batches * config.batch_size
+        if num_rows <= wanted:
+            return Batch(x, y, groups, jnp.ones((num_rows,), bool))
+        rows = jax.random.permutation(key, num_rows)[:wanted]
+        return Batch(x[rows], y[rows], groups[rows], jnp.ones((wanted,), bool))
+
+    def upper_update(state: AutoBalanceState, data: HyperData, key):
+        train_key, val_key, noise_key = jax.random.split(key, 3)
+        train_rows = _sample_rows(train_key, data.train_x, data.train_y, data.train_groups, config.train_batches)
+        val_rows = _sample_rows(val_key, data.val_x, data.val_y, data.val_groups, config.val_batches)
+        noise = _noise(noise_key, train_rows.x.shape)
+        grads, value = hypergradient(state.params, state.hparams, train_rows, val_rows, noise)
+        norm = optax.tree.norm(grads)
+        if config.max_hypergrad_norm is not None:
+            factor = jnp.minimum(1.0, config.max_hypergrad_norm / jnp.maximum(norm, 1e-12))
+            grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
+        updates, hparam_opt_state = upper_optimizer.update(grads, state.hparam_opt_state, state.hparams)
+        hparams = optax.apply_updates(state.hparams, updates)
+        return hparams, hparam_opt_state, value, norm
+
+    def lower_update(state: AutoBalanceState, hparams: AutoBalanceHparams, batch: Batch, key):
+        noise = _noise(key, batch.x.shape)
+        frozen = jax.lax.stop_gradient(hparams)
+        loss, grads = jax.value_and_grad(train_objective)(
+            state.params, frozen, batch.x, batch.y, batch.groups, batch.mask, noise
+        )
+        updates, opt_state = lower_optimizer.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state, loss
+
+    def search_step(state: AutoBalanceState, batch: SearchBatch):
+        if not isinstance(batch, SearchBatch):
+            raise ValueError("the search-phase step consumes a SearchBatch(train=Batch, data=HyperData)")
+        key, upper_key, lower_key = jax.random.split(jax.random.wrap_key_data(state.key), 3)
+        do_upper = (state.step >= warmup_steps) & (state.step % config.iter_interval == 0)
+
+        def skip(state, data, key):
+            del data, key
+            return state.hparams, state.hparam_opt_state, jnp.float32(0.0), jnp.float32(0.0)
+
+        hparams, hparam_opt_state, value, norm = jax.lax.cond(
+            do_upper, upper_update, skip, state, batch.data, upper_key
+        )
+        params, opt_state, loss = lower_update(state, hparams, batch.train, lower_key)
+        new_state = AutoBalanceState(params, opt_state, hparams, hparam_opt_state, state.step + 1, jax.random.key_data(key))
+        metrics = {
+            "loss": loss,
+            "upper_steps": do_upper.astype(jnp.float32),
+            "val_objective_sum": jnp.where(do_upper, value, 0.0),
+            "hypergrad_norm_sum": jnp.where(do_upper, norm, 0.0),
+        }
+        return new_state, metrics
+
+    def retrain_step(state: AutoBalanceState, batch: Batch):
+        key, lower_key = jax.random.split(jax.random.wrap_key_data(state.key))
+        params, opt_state, loss = lower_update(state, state.hparams, batch, lower_key)
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1, key=jax.random.key_data(key)), {"loss": loss}
+
+    def predict(state: AutoBalanceState, x):
+        return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
+
+    return AutoBalanceSolver(
+        init=init,
+        step=search_step if search else retrain_step,
+        predict=predict,
+        loss_params=loss_params,
+        train_objective=train_objective,
+        val_objective=val_objective,
+        hypergradient=hypergradient,
+        initial_hparams=initial_hparams,
+        config=config,
+        class_counts=class_counts,
+        cell_counts=cell_counts,
+        num_features=int(num_features),
+    )
+
+
+def make_search_epoch_fn(step: Callable, *, num_rows: int, batch_size: int) -> Callable:
+    """Compile one search epoch: shuffled minibatches of the search-train split, ``lax.scan``.
+
+    Returns:
+      ``run_epoch(state, data: HyperData, key) -> (state, metrics)`` (jitted) where metrics are
+      the mean lower loss, the number of upper steps and the mean validation objective and
+      hypergradient norm over those upper steps (NaN when there were none).
+    """
+
+    def run_epoch(state, data: HyperData, key):
+        indices, mask = shuffled_batch_indices(key, num_rows, batch_size)
+
+        def body(state, rows_and_mask):
+            rows, rows_mask = rows_and_mask
+            batch = Batch(data.train_x[rows], data.train_y[rows], data.train_groups[rows], rows_mask)
+            return step(state, SearchBatch(batch, data))
+
+        state, metrics = jax.lax.scan(body, state, (indices, mask))
+        upper_steps = jnp.sum(metrics["upper_steps"])
+        safe = jnp.maximum(upper_steps, 1.0)
+        nan = jnp.float32(jnp.nan)
+        return state, {
+            "loss": jnp.mean(metrics["loss"]),
+            "upper_steps": upper_steps,
+            "val_objective": jnp.where(upper_steps > 0, jnp.sum(metrics["val_objective_sum"]) / safe, nan),
+            "hypergrad_norm": jnp.where(upper_steps > 0, jnp.sum(metrics["hypergrad_norm_sum"]) / safe, nan),
+        }
+
+    return jax.jit(run_epoch)
+
+
+def hparam_snapshot(solver: AutoBalanceSolver, hparams: AutoBalanceHparams) -> dict[str, np.ndarray]:
+    """The effective loss parameters as numpy arrays (``weight``, ``shift``, ``delta``, ``radius``)."""
+    loss = solver.loss_params(hparams)
+    return {
+        "weight": np.asarray(loss.weight),
+        "shift": np.asarray(loss.shift),
+        "delta": np.asarray(loss.scale),
+        "radius": np.asarray(loss.radius),
+    }
+
+
+class AutoBalanceResult(NamedTuple):
+    """Output of :func:`search_and_retrain`.
+
+    Attributes:
+      state: the retrained model's state (use with ``retrain.predict``).
+      hparams: the searched raw hyperparameters ``alpha*``.
+      search_solver, retrain_solver: the two solvers.
+      trajectory: one dict per search epoch (``epoch`` from 0 = init, and the effective
+        ``weight``, ``shift``, ``delta``, ``radius`` arrays) — the paper's Fig. 3 data.
+      search_history, retrain_history: per-epoch metrics of the two phases.
+      search_state: the state at the end of the search phase (its model is trained on the
+        search-train split only).
+    """
+
+    state: AutoBalanceState
+    hparams: AutoBalanceHparams
+    search_solver: AutoBalanceSolver
+    retrain_solver: AutoBalanceSolver
+    trajectory: list
+    search_history: list
+    retrain_history: list
+    search_state: AutoBalanceState
+
+
+def _arrays(dataset, name: str):
+    for attribute in ("features", "labels", "groups"):
+        if not hasattr(dataset, attribute):
+            raise ValueError(f"{name} must have features, labels and groups (a fairopt.data.Dataset)")
+    x = np.asarray(dataset.features, np.float32)
+    y = np.asarray(dataset.labels, np.int32)
+    g = np.asarray(dataset.groups, np.int32)
+    if x.ndim != 2 or y.shape != (x.shape[0],) or g.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise ValueError(f"{name} has inconsistent shapes: features {x.shape}, labels {y.shape}, groups {g.shape}")
+    return x, y, g
+
+
+def search_and_retrain(
+    apply_fn: Callable,
+    init_params: Callable[[jax.Array], Any],
+    config: AutoBalanceConfig,
+    search_train,
+    search_val,
+    *,
+    key: jax.Array,
+    num_classes: int,
+    num_groups: int = 1,
+    retrain_data=None,
+    retrain: bool = True,
+    progress: Progress | None = None,
+) -> AutoBalanceResult:
+    """Algorithm 1 end to end: search ``alpha`` on (train, val), then retrain on train ∪ val.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits``.
+      init_params: ``init_params(key) -> params`` (called once per phase: the retrain phase
+        resets the model with a fresh initialisation, Alg. 1 line 11).
+      config: :class:`AutoBalanceConfig` (``epochs`` is used by both phases).
+      search_train, search_val: the split of the training data (objects with ``features``,
+        ``labels``, ``groups``, e.g. :class:`fairopt.data.Dataset`).
+      key: PRNG key.
+      num_classes, num_groups: ``K`` and ``G`` (the counts are taken from ``search_train``).
+      retrain_data: data of the retrain phase (default: ``search_train ∪ search_val``).
+      retrain: False to skip the retrain phase (then ``state`` is the search state).
+      progress: optional printer, advanced once per epoch of either phase.
+
+    Returns:
+      :class:`AutoBalanceResult`.
+
+    Raises:
+      ValueError: bad data or configuration.
+      fairopt.train.NonFiniteError: a non-finite loss or state.
+    """
+    train_x, train_y, train_g = _arrays(search_train, "search_train")
+    val_x, val_y, val_g = _arrays(search_val, "search_val")
+    for name, labels in (("search_train", train_y), ("search_val", val_y)):
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"{name} labels must lie in [0, num_classes={num_classes})")
+    for name, groups in (("search_train", train_g), ("search_val", val_g)):
+        if groups.min() < 0 or groups.max() >= num_groups:
+            raise ValueError(f"{name} groups must lie in [0, num_groups={num_groups}); pass num_groups")
+    class_counts = np.bincount(train_y, minlength=num_classes)
+    cell_counts = np.zeros((num_classes, num_groups), np.int64)
+    np.add.at(cell_counts, (train_y, train_g), 1)
+    steps = max(1, math.ceil(train_x.shape[0] / config.batch_size))
+    search_key, retrain_key, init_key_1, init_key_2, epoch_key = jax.random.split(key, 5)
+    solver = autobalance(
+        apply_fn,
+        config,
+        class_counts=class_counts,
+        cell_counts=cell_counts,
+        num_features=train_x.shape[1],
+        steps_per_epoch=steps,
+        search=True,
+    )
+    state = solver.init(search_key, init_params(init_key_1))
+    data = HyperData(*(jnp.asarray(a) for a in (train_x, train_y, train_g, val_x, val_y, val_g)))
+    epoch_fn = make_search_epoch_fn(solver.step, num_rows=train_x.shape[0], batch_size=config.batch_size)
+    trajectory = [dict(epoch=0, **hparam_snapshot(solver, state.hparams))]
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        state, metrics = epoch_fn(state, data, jax.random.fold_in(epoch_key, epoch))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        check_finite({"loss": metrics["loss"]}, what="search loss ", epoch=epoch)
+        check_finite(state.hparams, what="loss hyperparameters ", epoch=epoch)
+        history.append(metrics)
+        trajectory.append(dict(epoch=epoch, **hparam_snapshot(solver, state.hparams)))
+        if progress is not None:
+            progress.advance({k: v for k, v in metrics.items() if k in ("loss", "val_objective")})
+    check_finite(state, what="search state ", epoch=config.epochs)
+    search_state = state
+    if not retrain:
+        return AutoBalanceResult(state, state.hparams, solver, None, trajectory, history, [], search_state)
+
+    if retrain_data is None:
+        full = (np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), np.concatenate([train_g, val_g]))
+    else:
+        full = _arrays(retrain_data, "retrain_data")
+    retrainer = retrain_solver(apply_fn, solver, num_rows=full[0].shape[0])
+    retrain_state = retrainer.init(retrain_key, init_params(init_key_2), hparams=search_state.hparams)
+    retrain_state, retrain_history = fit(
+        retrainer,
+        retrain_state,
+        *full,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        key=jax.random.fold_in(epoch_key, config.epochs + 1),
+        epoch_fn=make_epoch_fn(retrainer.step, num_rows=full[0].shape[0], batch_size=config.batch_size),
+        on_epoch_end=(lambda e, s, m: progress.advance(m)) if progress is not None else None,
+    )
+    return AutoBalanceResult(
+        retrain_state, search_state.hparams, solver, retrainer, trajectory, history, retrain_history, search_state
+    )
+
+
+def retrain_solver(apply_fn: Callable, search: AutoBalanceSolver, *, num_rows: int) -> AutoBalanceSolver:
+    """The retrain phase (Alg. 1 lines 11–12): the searched loss, frozen, on ``num_rows`` rows.
+
+    The class counts (clusters, priors) are those of the search phase, so the searched raw
+    hyperparameters keep their meaning; only the steps per epoch (the learning-rate schedule)
+    follow the retrain data. Start it with ``init(key, fresh_params, hparams=alpha*)``; its
+    ``step`` consumes a plain :class:`fairopt.train.Batch`, so :func:`fairopt.train.fit` drives it.
+
+    Raises:
+      ValueError: ``num_rows < 1``.
+    """
+    if num_rows < 1:
+        raise ValueError(f"num_rows (rows of the retrain data) must be >= 1, got {num_rows}")
+    return autobalance(
+        apply_fn,
+        search.config,
+        class_counts=search.class_counts,
+        cell_counts=search.cell_counts,
+        num_features=search.num_features,
+        steps_per_epoch=max(1, math.ceil(num_rows / search.config.batch_size)),
+        search=False,
+    )
