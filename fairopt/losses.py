@@ -190,10 +190,11 @@ def _softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
     Mathematically the value is >= 0; in float32 under jit, XLA may evaluate ``f_y`` and the
     ``logsumexp`` from differently fused expressions and return ``-1 ulp`` when the example is
-    fitted. The clip (``where``, zero gradient below 0) only acts on such rounding residue.
+    fitted. The clip only acts on such rounding residue; ``jnp.maximum`` propagates NaN, so a
+    diverged model still shows a NaN loss.
     """
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.where(loss > 0, loss, 0.0)
+    return jnp.maximum(loss, 0.0)
 
 
 def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:

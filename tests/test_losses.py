@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -228,9 +229,41 @@ def test_key_losses_same_jitted_and_not(batch):
         )
 
 
+def test_non_finite_logits_give_nan_loss_not_a_silent_zero(batch):
+    """The clip of float rounding below 0 must not hide a diverged model."""
+    logits, labels, _ = batch
+    logits = logits.copy()
+    logits[0, 0] = np.nan
+    assert np.isnan(np.asarray(losses.cross_entropy(logits, labels))[0])
+    assert np.isnan(np.asarray(losses.vs_loss(logits, labels, shift=np.zeros(K)))[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # make_loss.
 # ------------------------------------------------------------------------------------------------
+
+
+def test_make_loss_plugs_into_erm_solver_with_traced_epoch():
+    """fairopt.solvers.erm calls loss_fn(logits, y, groups, epoch) with a traced epoch."""
+    erm = pytest.importorskip("fairopt.solvers.erm")
+    train = pytest.importorskip("fairopt.train")
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, K, size=16), jnp.int32)
+    groups = jnp.asarray(rng.integers(0, G, size=16), jnp.int32)
+    batch = train.Batch(x, y, groups, jnp.ones(16, bool))
+    apply_fn = lambda params, x: x @ params  # noqa: E731
+    loss_fn = losses.make_loss("ldam_drw", np.array([40, 20, 5]), drw_start_epoch=1)
+    solver = erm.erm(apply_fn, loss_fn, optax.sgd(0.01), steps_per_epoch=1)
+    state = solver.init(jax.random.key(0), jnp.zeros((4, K)))
+    step = jax.jit(solver.step)
+    for _ in range(3):  # epochs 0, 1, 2: weights switch on at 1 without retracing issues
+        state, metrics = step(state, batch)
+        assert np.isfinite(metrics["loss"])
+    expected = losses.ldam_loss(apply_fn(state.params, x), y, np.array([40, 20, 5]),
+                                class_weights=losses.drw_weights(np.array([40, 20, 5])))
+    np.testing.assert_allclose(loss_fn(apply_fn(state.params, x), y, groups, 3), expected, rtol=1e-6)
+
 
 
 def test_make_loss_builds_each_baseline(batch):
