@@ -480,6 +480,8 @@ def test_standardize_uses_training_statistics_only():
     np.testing.assert_allclose(
         data.standardize(shifted).train.features, standardized.train.features, atol=1e-6
     )
+    with pytest.raises(TypeError, match=r"splits must be a fairopt.data.Splits"):
+        data.standardize(raw.train)
 
 
 # --------------------------------------------------------------------------- resampling

@@ -252,7 +252,12 @@ def standardize(splits: Splits) -> Splits:
     official FACIMS code, which fitted its scaler on the full data before splitting.
     """
     if not isinstance(splits, Splits):
-        raise TypeError(f"splits must be a fairopt.data.Splits (train, val, test), got {type(splits).__name__}")
+        if isinstance(splits, tuple) and len(splits) == 3 and all(isinstance(p, Dataset) for p in splits):
+            splits = Splits(*splits)
+        else:
+            raise TypeError(
+                f"splits must be a fairopt.data.Splits (train, val, test), got {type(splits).__name__}"
+            )
     statistics = feature_statistics(splits.train)
     return Splits(*(apply_standardization(part, statistics) for part in splits))
 
