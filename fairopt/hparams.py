@@ -264,7 +264,7 @@ def init_hparams(
     log_prior = np.log(np.maximum(counts, 1e-300) / counts.sum())
     shift_target = tau * log_prior if init in ("la", "vs") else np.zeros(num_classes)
     if init in ("cdt", "vs"):
-        delta = jax.nn.sigmoid(NEUTRAL_SCALE_LOGIT).item() * (counts / counts.max()) ** gamma
+        delta = (counts / counts.max()) ** gamma / (1.0 + np.exp(-NEUTRAL_SCALE_LOGIT))
         scale_target = np.log(delta) - np.log1p(-delta)  # logit
     else:
         scale_target = np.full(num_classes, NEUTRAL_SCALE_LOGIT)

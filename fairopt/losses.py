@@ -558,14 +558,16 @@ def masked_mean(per_example: ArrayLike, mask: ArrayLike | None = None) -> Array:
 
 
 def _segment_means(values, segment_ids, num_segments, mask):
-    """Means and counts of ``values`` per segment; empty segments get mean 0 (not NaN)."""
-    indicator = jax.nn.one_hot(segment_ids, num_segments, dtype=values.dtype)  # [B, S]
-    if mask is not None:
-        indicator = indicator * mask.astype(values.dtype)[:, None]
+    """Means and counts of ``values`` per segment; empty segments get mean 0 (not NaN).
+
+    ``jax.ops.segment_sum`` keeps memory O(B) (no ``[B, S]`` one-hot), which matters for
+    (class, group) cells of a whole validation set.
+    """
+    weights = jnp.ones_like(values) if mask is None else mask.astype(values.dtype)
     # where() keeps a NaN/inf in a padded row from leaking through 0 * inf.
-    values = jnp.where(jnp.sum(indicator, axis=1) > 0, values, 0.0)
-    counts = jnp.sum(indicator, axis=0)
-    sums = values @ indicator
+    values = jnp.where(weights > 0, values, 0.0) * weights
+    counts = jax.ops.segment_sum(weights, segment_ids, num_segments)
+    sums = jax.ops.segment_sum(values, segment_ids, num_segments)
     return sums / jnp.maximum(counts, 1.0), counts
 
 
@@ -744,7 +746,7 @@ def make_validation_objective(
     if name == "blend":
         if lambda_val is None:
             raise ValueError("validation objective 'blend' needs lambda_val in [0, 1] (AutoBalance uses 0.1)")
-        if not 0.0 <= float(lambda_val) <= 1.0:
+        if _is_concrete(lambda_val) and not 0.0 <= float(lambda_val) <= 1.0:
             raise ValueError(f"lambda_val must lie in [0, 1], got {lambda_val}")
 
     def needs_groups(groups):

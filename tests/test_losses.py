@@ -430,6 +430,30 @@ def test_deo_more_than_two_groups_mean_and_max():
     np.testing.assert_allclose(maximum, 2.0 + 4.0, rtol=1e-6)
 
 
+def test_blend_with_traced_lambda_and_its_gradient():
+    args = (HAND_LOSSES, HAND_LABELS, HAND_GROUPS)
+    objective = losses.make_validation_objective("blend", num_classes=2, num_groups=2, lambda_val=0.5)
+    blend = jax.jit(
+        lambda lam: losses.blended_objective(*args, 2, 2, lam, mask=HAND_MASK)
+    )
+    np.testing.assert_allclose(blend(0.5), objective(*args, HAND_MASK), rtol=1e-6)
+    # d/d lambda [(1 - lambda) CE + lambda DEO] = DEO - CE
+    np.testing.assert_allclose(jax.grad(blend)(0.3), 4.0 - np.mean(HAND_LOSSES[:6]), rtol=1e-5)
+    with pytest.raises(ValueError, match="lambda_val must lie in \\[0, 1\\]"):
+        losses.make_validation_objective("blend", num_classes=2, num_groups=2, lambda_val=1.5)
+
+
+def test_objectives_vmap_over_a_leading_group_axis():
+    """Solvers vmap validation losses over stacked per-group batches [G, B]."""
+    rng = np.random.default_rng(6)
+    per_example = rng.uniform(0, 3, size=(3, 9)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(3, 9)).astype(np.int32)
+    mask = rng.random((3, 9)) < 0.7
+    vmapped = jax.vmap(lambda l, y, m: losses.balanced_mean(l, y, 3, mask=m))(per_example, labels, mask)
+    looped = [losses.balanced_mean(per_example[i], labels[i], 3, mask=mask[i]) for i in range(3)]
+    np.testing.assert_allclose(vmapped, looped, rtol=1e-6)
+
+
 def test_balanced_mean_of_zero_one_loss_matches_sklearn_balanced_accuracy():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 4, size=200).astype(np.int32)
