@@ -3,7 +3,8 @@
 AutoBalance (Li et al., NeurIPS 2021) learns the hyperparameters ``alpha = (w, l, Delta)`` of
 the parametric cross-entropy (eq. 2.2, :func:`fairopt.losses.vs_loss`)::
 
-    l_train(y, f; alpha) = -w_y log [exp(sigma(Delta_y) f_y + l_y) / sum_k exp(sigma(Delta_k) f_k + l_k)]
+    l_train(y, f; alpha) = -w_y log [exp(sigma(Delta_y) f_y + l_y)
+                                      / sum_k exp(sigma(Delta_k) f_k + l_k)]
 
 To keep the upper-level problem small, the per-class vectors are restricted to the range of a
 frequency-aware dictionary ``D in R^{K x K'}``: ``l = D l'`` with ``l' in R^{K'}`` (§2.2).
@@ -250,7 +251,8 @@ def init_hparams(
         raise ValueError(f"init_hparams: init {init!r} needs positive class counts, got {counts}")
     if gamma < 0:
         raise ValueError(f"init_hparams: gamma must be >= 0, got {gamma}")
-    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1):
+    valid_groups = isinstance(num_groups, (int, np.integer)) and not isinstance(num_groups, bool)
+    if num_groups is not None and (not valid_groups or num_groups < 1):
         raise ValueError(f"init_hparams: num_groups must be a positive int or None, got {num_groups!r}")
     dictionaries = _per_leaf(dictionary)
     for field, leaf in zip(LossHparams._fields, dictionaries):

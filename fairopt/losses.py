@@ -68,6 +68,7 @@ __all__ = [
     "validation_objective",
     "make_validation_objective",
     "VALIDATION_OBJECTIVES",
+    "DEO_REDUCTIONS",
     "group_mean_losses",
     "GroupDROState",
     "GroupDRO",
@@ -460,7 +461,8 @@ def drw_weights(class_counts: ArrayLike, beta: float = 0.9999) -> np.ndarray:
     counts = _check_counts(class_counts, "class_counts", 1, allow_zero=False, fn_name="drw_weights")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"drw_weights: beta must lie in [0, 1), got {beta}")
-    effective_number = -np.expm1(counts * np.log(beta)) if beta > 0 else np.ones_like(counts)  # 1 - beta^n
+    # 1 - beta^n, computed as -expm1(n log beta) for accuracy when beta is close to 1.
+    effective_number = -np.expm1(counts * np.log(beta)) if beta > 0 else np.ones_like(counts)
     weights = (1.0 - beta) / effective_number
     return (weights * (len(counts) / weights.sum())).astype(np.float32)
 
@@ -760,11 +762,14 @@ def make_validation_objective(
         if name == "balanced_ce":
             return balanced_mean(per_example, labels, num_classes, mask)
         if name == "group_balanced_ce":
-            return group_balanced_mean(per_example, labels, needs_groups(groups), num_classes, num_groups, mask)
+            groups = needs_groups(groups)
+            return group_balanced_mean(per_example, labels, groups, num_classes, num_groups, mask)
         if name == "deo":
-            return deo_objective(per_example, labels, needs_groups(groups), num_classes, num_groups, mask, reduce)
+            groups = needs_groups(groups)
+            return deo_objective(per_example, labels, groups, num_classes, num_groups, mask, reduce)
+        groups = needs_groups(groups)
         return blended_objective(
-            per_example, labels, needs_groups(groups), num_classes, num_groups, lambda_val, mask, reduce
+            per_example, labels, groups, num_classes, num_groups, lambda_val, mask, reduce
         )
 
     objective.__doc__ = f"Validation objective {name!r} (see fairopt.losses.make_validation_objective)."
@@ -874,13 +879,17 @@ def group_dro(
     if step_size < 0:
         raise ValueError(f"group_dro: step_size must be >= 0, got {step_size}")
     if generalization_adjustment < 0:
-        raise ValueError(f"group_dro: generalization_adjustment must be >= 0, got {generalization_adjustment}")
+        raise ValueError(
+            f"group_dro: generalization_adjustment must be >= 0, got {generalization_adjustment}"
+        )
     if generalization_adjustment > 0:
         if group_counts is None:
             raise ValueError("group_dro: generalization_adjustment > 0 needs group_counts=[G] (n_g)")
         counts = _check_counts(group_counts, "group_counts", 1, allow_zero=False, fn_name="group_dro")
         if counts.shape[0] != num_groups:
-            raise ValueError(f"group_dro: group_counts has {counts.shape[0]} entries, expected G={num_groups}")
+            raise ValueError(
+                f"group_dro: group_counts has {counts.shape[0]} entries, expected G={num_groups}"
+            )
         adjustment = jnp.asarray(generalization_adjustment / np.sqrt(counts), jnp.float32)
     else:
         adjustment = jnp.zeros((num_groups,), jnp.float32)
@@ -891,7 +900,10 @@ def group_dro(
     def update(state: GroupDROState, group_losses, batch_group_counts=None) -> GroupDROState:
         group_losses = jax.lax.stop_gradient(jnp.asarray(group_losses, jnp.float32))
         if group_losses.shape != (num_groups,):
-            raise ValueError(f"group_dro.update: group_losses must be [G] = ({num_groups},), got {group_losses.shape}")
+            raise ValueError(
+                f"group_dro.update: group_losses must be [G] = ({num_groups},), got "
+                f"{group_losses.shape}"
+            )
         exponent = step_size * (group_losses + adjustment)
         if batch_group_counts is not None:
             exponent = jnp.where(jnp.asarray(batch_group_counts) > 0, exponent, 0.0)
@@ -999,7 +1011,9 @@ def make_loss(
                 f"make_loss: cell_counts has {cells.shape[0]} rows but class_counts has K={num_classes}"
             )
         if num_groups is not None and cells.shape[1] != num_groups:
-            raise ValueError(f"make_loss: cell_counts has {cells.shape[1]} columns but num_groups={num_groups}")
+            raise ValueError(
+                f"make_loss: cell_counts has {cells.shape[1]} columns but num_groups={num_groups}"
+            )
 
     def checked_k(logits):
         logits = jnp.asarray(logits)
@@ -1056,10 +1070,12 @@ def make_loss(
                 scale=options.get("scale", 30.0),
             )
             def loss_fn(logits, labels, groups=None, epoch=0):
-                return ldam(checked_k(logits), labels, class_weights=deferred_weights(weights, epoch, start))
+                current = deferred_weights(weights, epoch, start)
+                return ldam(checked_k(logits), labels, class_weights=current)
         else:
             def loss_fn(logits, labels, groups=None, epoch=0):
-                return vs_loss(checked_k(logits), labels, weight=deferred_weights(weights, epoch, start))
+                current = deferred_weights(weights, epoch, start)
+                return vs_loss(checked_k(logits), labels, weight=current)
     elif name == "group_la":
         weight, shift = group_logit_adjustment_params(cells, options.get("tau", 1.0))
         def loss_fn(logits, labels, groups=None, epoch=0):
