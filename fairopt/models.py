@@ -16,6 +16,7 @@ per Monte-Carlo sample).
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Callable, Sequence
 
@@ -107,6 +108,13 @@ def linear(num_classes: int) -> Linear:
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "linear": linear}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _initialise(module: nn.Module, key: jax.Array, example_input: jax.Array) -> PyTree:
+    """``module.init(key, x)["params"]`` compiled once per (module, input shape): several times
+    faster than op-by-op dispatch on CPU and reused across keys/seeds (modules are hashable)."""
+    return module.init(key, example_input)["params"]
+
+
 def make_model(
     name: str, num_classes: int, num_features: int, key: jax.Array, **options
 ) -> tuple[PyTree, Callable[[PyTree, jax.Array], jax.Array]]:
@@ -136,7 +144,7 @@ def make_model(
         if "unexpected keyword" in str(error):
             raise TypeError(f"model {name!r} does not take option(s) {sorted(options)}: {error}") from None
         raise
-    params = module.init(key, jnp.zeros((1, num_features), jnp.float32))["params"]
+    params = _initialise(module, key, jnp.zeros((1, num_features), jnp.float32))
 
     def apply_fn(params: PyTree, x: jax.Array) -> jax.Array:
         return module.apply({"params": params}, x)
