@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fairopt import losses
+
 Array = jax.Array
 ArrayLike = Any
 
@@ -213,6 +215,7 @@ def init_hparams(
     dictionary: ArrayLike | LossHparams,
     *,
     num_groups: int | None = None,
+    cell_counts: ArrayLike | None = None,
     tau: float = 1.0,
     gamma: float = 0.3,
 ) -> LossHparams:
@@ -232,13 +235,17 @@ def init_hparams(
     Per-class targets are projected onto the dictionary by least squares (for a cluster
     dictionary: the mean over the cluster's classes; for the ``log pi`` column of "la_tau":
     exactly ``tau``). With ``num_groups`` the raw leaves are ``[K', G]``, the same for every
-    group.
+    group — unless ``cell_counts`` is given: then the "la"/"vs" shift is the Group-LA
+    adjustment ``l_{k,g} = tau log pi_{k|g}`` (:func:`fairopt.losses.group_logit_adjustment_params`,
+    empty cells floored at one example), projected column by column.
 
     Args:
       init: one of :data:`INITS`.
       class_counts: ``[K]`` positive training counts (concrete).
       dictionary: ``[K, K']`` array or per-leaf :class:`LossHparams` of dictionaries.
       num_groups: G for (class, group) hyperparameters, else None.
+      cell_counts: optional ``[K, G]`` (class, group) counts for a group-conditional LA shift;
+        requires ``num_groups = G``.
       tau: LA temperature. gamma: CDT exponent (default 0.3 as Kini et al.'s code).
 
     Returns:
@@ -270,11 +277,22 @@ def init_hparams(
         scale_target = np.log(delta) - np.log1p(-delta)  # logit
     else:
         scale_target = np.full(num_classes, NEUTRAL_SCALE_LOGIT)
+    if cell_counts is not None:
+        if num_groups is None:
+            raise ValueError("init_hparams: cell_counts [K, G] needs num_groups=G ([K', G] hyperparameters)")
+        cells = np.asarray(cell_counts)
+        if cells.shape != (num_classes, num_groups):
+            raise ValueError(
+                f"init_hparams: cell_counts must have shape [K, G] = ({num_classes}, {num_groups}), "
+                f"got {cells.shape}"
+            )
+        if init in ("la", "vs"):
+            shift_target = losses.group_logit_adjustment_params(cells, tau)[1].astype(np.float64)
     targets = LossHparams(np.zeros(num_classes), shift_target, scale_target)
 
     def raw(target, leaf_dictionary):
         value = _project(target, np.asarray(leaf_dictionary))
-        if num_groups is not None:
+        if num_groups is not None and value.ndim == 1:
             value = np.repeat(value[:, None], num_groups, axis=1)
         return jnp.asarray(value, jnp.float32)
 
@@ -330,6 +348,7 @@ def make_search_space(
     init: str = "ones",
     cluster_size: int = 1,
     num_groups: int | None = None,
+    cell_counts: ArrayLike | None = None,
     tau: float = 1.0,
     gamma: float = 0.3,
 ) -> SearchSpace:
@@ -346,14 +365,23 @@ def make_search_space(
       init: one of :data:`INITS`.
       cluster_size: classes per cluster C.
       num_groups: G for (class, group) hyperparameters (AutoBalance eq. 4.2), else None.
+      cell_counts: optional ``[K, G]`` counts: the "la"/"vs" shift becomes Group-LA's
+        ``tau log pi_{k|g}`` (see :func:`init_hparams`); not for "la_tau".
       tau, gamma: LA temperature and CDT exponent of the initialisation.
 
     Returns:
       :class:`SearchSpace`.
     """
     trainable = trainable_mask(space)
+    if space == "la_tau" and cell_counts is not None:
+        raise ValueError(
+            "make_search_space: the 'la_tau' space has shift = tau log pi (class priors); "
+            "cell_counts (a group-conditional shift) needs the 'shift' or 'shift_scale' space"
+        )
     clusters = class_clusters(class_counts, cluster_size)
     shift_dictionary = la_tau_dictionary(class_counts) if space == "la_tau" else clusters
     dictionary = LossHparams(clusters, shift_dictionary, clusters)
-    hparams = init_hparams(init, class_counts, dictionary, num_groups=num_groups, tau=tau, gamma=gamma)
+    hparams = init_hparams(
+        init, class_counts, dictionary, num_groups=num_groups, cell_counts=cell_counts, tau=tau, gamma=gamma
+    )
     return SearchSpace(hparams, dictionary, trainable)

@@ -135,6 +135,20 @@ def test_group_hparams_are_constant_over_groups_and_match_class_version():
     )
 
 
+def test_group_la_init_from_cell_counts_matches_group_la_loss():
+    counts = np.array([40, 12, 4])
+    cells = np.array([[30, 10], [2, 10], [1, 3]])
+    space = hparams.make_search_space("shift", counts, init="la", num_groups=2, cell_counts=cells, tau=0.8)
+    shift = hparams.to_loss_kwargs(space.hparams, space.dictionary)["shift"]
+    np.testing.assert_allclose(shift, 0.8 * np.log(cells / cells.sum(axis=0)), rtol=1e-5)
+    with pytest.raises(ValueError, match="'la_tau' space"):
+        hparams.make_search_space("la_tau", counts, num_groups=2, cell_counts=cells)
+    with pytest.raises(ValueError, match="needs num_groups"):
+        hparams.make_search_space("shift", counts, init="la", cell_counts=cells)
+    with pytest.raises(ValueError, match="cell_counts must have shape"):
+        hparams.make_search_space("shift", counts, init="la", num_groups=3, cell_counts=cells)
+
+
 def test_weight_leaf_is_positive_exp_of_raw():
     dictionary = hparams.class_clusters(np.array([9, 3, 1]), 1)
     raw = hparams.LossHparams(jnp.array([-50.0, 0.0, 2.0]), jnp.zeros(3), jnp.zeros(3))
