@@ -239,6 +239,10 @@ def implicit_hypergradient(
     Pure and jit-able; under :func:`jax.vmap` over a leading group axis of ``theta_star``,
     ``inner_hparams`` and/or ``outer_args`` each group uses its own Hessian.
 
+    Integer or boolean leaves (labels, group indices, masks) may sit in ``inner_hparams`` and
+    ``outer_args``: like ``jax.grad(..., allow_int=True)`` their "gradient" is a ``float0``
+    array of zeros (``jax.dtypes.float0``) of the leaf's shape. ``theta_star`` must be floating.
+
     Args:
       inner_loss: ``G(theta, inner_hparams) -> scalar``.
       outer_loss: ``F(theta, inner_hparams, *outer_args) -> scalar``.
@@ -270,7 +274,7 @@ def implicit_hypergradient(
     _check_nonnegative(damping, "damping")
 
     outer_grad_theta, outer_grad_hparams, outer_grad_args = jax.grad(
-        lambda theta, hparams, args: outer_loss(theta, hparams, *args), argnums=(0, 1, 2)
+        lambda theta, hparams, args: outer_loss(theta, hparams, *args), argnums=(0, 1, 2), allow_int=True
     )(theta_star, inner_hparams, outer_args)
 
     def hessian_product(tangent):
@@ -288,8 +292,15 @@ def implicit_hypergradient(
     )
     _, mixed_vjp = jax.vjp(lambda hparams: jax.grad(inner_loss)(theta_star, hparams), inner_hparams)
     (mixed,) = mixed_vjp(inverse_product)
-    hypergradient = jax.tree_util.tree_map(jnp.subtract, outer_grad_hparams, mixed)
+    hypergradient = jax.tree_util.tree_map(_subtract_unless_float0, outer_grad_hparams, mixed)
     return hypergradient, outer_grad_args
+
+
+def _subtract_unless_float0(direct, mixed):
+    """``direct - mixed``; integer leaves carry ``float0`` zero tangents and are passed through."""
+    if jnp.result_type(direct) == jax.dtypes.float0:
+        return direct
+    return direct - mixed
 
 
 def tree_dot(first: PyTree, second: PyTree) -> jax.Array:

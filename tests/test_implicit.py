@@ -379,3 +379,32 @@ def test_traced_alpha_and_damping_do_not_raise():
     fn = jax.jit(lambda alpha, damping: ridge_hypergradient(*data, inverse="neumann", alpha=alpha, num_terms=60, damping=damping))
     grad_h, _ = fn(0.5, 0.0)
     assert relative_error(grad_h, ridge_exact(*data)[0]) < 1e-4
+
+
+def test_integer_leaves_in_outer_args_and_hparams():
+    """Labels in outer_args and group indices in inner_hparams: float0 zero gradients, and the
+    float hypergradient is unchanged (no need to close over integer batches)."""
+    weights, x, y, example_group, x_val, y_val = ridge_data(0)
+    val_rows = jnp.arange(x_val.shape[0])
+
+    def outer(theta, hparams, x_val, y_val, rows):
+        return ridge_outer(theta, hparams[0], x_val[rows], y_val[rows])
+
+    @jax.jit
+    def run(weights, example_group, x_val, y_val, rows):
+        theta_star = ridge_solution(weights, x, y, example_group)
+        return implicit.implicit_hypergradient(
+            lambda theta, hparams: ridge_inner(theta, hparams[0], x, y, hparams[1]),
+            outer,
+            theta_star,
+            (weights, example_group),
+            (x_val, y_val, rows),
+            inverse="cg",
+        )
+
+    (grad_weights, grad_groups), (grad_x_val, _, grad_rows) = run(weights, example_group, x_val, y_val, val_rows)
+    assert grad_groups.dtype == jax.dtypes.float0 and grad_groups.shape == example_group.shape
+    assert grad_rows.dtype == jax.dtypes.float0 and grad_rows.shape == val_rows.shape
+    exact_h, exact_xv, _ = ridge_exact(weights, x, y, example_group, x_val, y_val)
+    assert relative_error(grad_weights, exact_h) < 1e-4
+    assert relative_error(grad_x_val, exact_xv) < 1e-5
