@@ -25,7 +25,8 @@ rows and never return NaN when a class or a (class, group) cell is empty in the 
 Group DRO (Sagawa et al., ICLR 2020): :func:`group_dro`.
 
 Input checks: shape errors raise ``ValueError`` also under ``jax.jit`` (shapes are static);
-value checks (label range, negative counts) run only on concrete (non-traced) input.
+range checks of labels / group ids run only on concrete (non-traced) input; count arrays
+(``class_counts``, ``cell_counts``) configure a loss and must be concrete, non-negative numpy.
 """
 
 from __future__ import annotations
