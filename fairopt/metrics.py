@@ -195,6 +195,8 @@ def _prepare(probs, labels, groups, mask, num_classes, num_groups, *, needs_grou
             if not _is_traced(mask) and np.any((np.asarray(mask) != 0) & (np.asarray(mask) != 1)):
                 raise ValueError("mask must hold only 0/1 (True/False) values; pass mask.astype(bool).")
         mask = jnp.asarray(mask).astype(bool)
+    else:  # always pass an array: one compiled function serves masked and unmasked calls
+        mask = jnp.ones(probs.shape[:1], bool)
     probs = jnp.asarray(probs)
     labels = jnp.asarray(labels).astype(jnp.int32)
     if needs_groups:
@@ -237,11 +239,21 @@ def _probabilities(probs, num_classes):
     return jnp.clip(probs.astype(_FLOAT), 0.0, 1.0)
 
 
+def _select(index, candidates):
+    """``candidates[index]`` for a traced option index (every candidate is computed; they are
+    cheap reductions, and one compiled function then serves every option)."""
+    return jnp.stack(candidates)[index]
+
+
+def _option_index(name: str, value: str, choices: tuple[str, ...]) -> jax.Array:
+    _check_option(name, value, choices)
+    return jnp.int32(choices.index(value))
+
+
 def _score_matrix(probs, num_classes, score):
-    """[n, K] scores f(X): one-hot predicted labels ("hard") or probabilities ("soft")."""
-    if score == "hard":
-        return jax.nn.one_hot(_predicted_labels(probs), num_classes, dtype=_FLOAT)
-    return _probabilities(probs, num_classes)
+    """[n, K] scores f(X): one-hot predicted labels (score index of "hard") or probabilities ("soft")."""
+    hard = jax.nn.one_hot(_predicted_labels(probs), num_classes, dtype=_FLOAT)
+    return jnp.where(score == SCORES.index("soft"), _probabilities(probs, num_classes), hard)
 
 
 def _positive_classes(num_classes):
@@ -278,7 +290,7 @@ def _rate_gaps(numerators, denominators, reduce):
 
     Args:
       numerators, denominators: [..., G] weighted sums per conditioning event and group.
-      reduce: one of REDUCTIONS (see the module docstring).
+      reduce: index into REDUCTIONS (see the module docstring).
 
     Returns:
       (gap [...], event_valid [...], group_valid [..., G]). Groups with a zero denominator are
@@ -289,16 +301,14 @@ def _rate_gaps(numerators, denominators, reduce):
     overall = _safe_divide(numerators.sum(-1), denominators.sum(-1))
     deviation = jnp.abs(rates - overall[..., None])
     event_valid = group_valid.any(-1)
-    if reduce == "mean":
-        gap = _masked_mean(deviation, group_valid, axis=-1)
-    elif reduce == "weighted":
-        gap = _safe_divide((deviation * denominators).sum(-1), denominators.sum(-1))
-    elif reduce == "max":
-        gap = _masked_max(deviation, group_valid, axis=-1)
-    else:  # between_groups
-        highest = jnp.max(jnp.where(group_valid, rates, -jnp.inf), axis=-1)
-        lowest = jnp.min(jnp.where(group_valid, rates, jnp.inf), axis=-1)
-        gap = jnp.where(event_valid, highest - lowest, 0.0)
+    highest = jnp.max(jnp.where(group_valid, rates, -jnp.inf), axis=-1)
+    lowest = jnp.min(jnp.where(group_valid, rates, jnp.inf), axis=-1)
+    gap = _select(reduce, [  # order of REDUCTIONS
+        _masked_mean(deviation, group_valid, axis=-1),
+        _safe_divide((deviation * denominators).sum(-1), denominators.sum(-1)),
+        _masked_max(deviation, group_valid, axis=-1),
+        jnp.where(event_valid, highest - lowest, 0.0),
+    ])
     return gap, event_valid, group_valid
 
 
@@ -310,13 +320,11 @@ def _skipped_group_count(event_valid, group_valid):
 
 
 def _reduce_classes(gaps, valid, class_reduce):
-    if class_reduce == "max":
-        return _masked_max(gaps, valid)
-    return _masked_mean(gaps, valid)
+    return _select(class_reduce, [_masked_max(gaps, valid), _masked_mean(gaps, valid)])  # CLASS_REDUCTIONS
 
 
 # --------------------------------------------------------------------------------------------
-# Cores (unchecked, jit-able; static: num_classes, num_groups and the option strings)
+# Cores (unchecked, jit-able; static: sizes; options: traced int32 indices into the tuples)
 # --------------------------------------------------------------------------------------------
 
 
@@ -384,10 +392,7 @@ def _eo_from_statistics(statistics, reduce, class_reduce, label_reduce):
     numerators = jnp.stack([predicted_positive - true_positive, true_positive], axis=1)  # [C, 2, G]
     denominators = jnp.stack([group_sizes - positives, positives], axis=1)
     gaps, event_valid, group_valid = _rate_gaps(numerators, denominators, reduce)
-    if label_reduce == "mean":
-        class_gaps = _masked_mean(gaps, event_valid, axis=1)
-    else:
-        class_gaps = _masked_max(gaps, event_valid, axis=1)
+    class_gaps = _select(label_reduce, [_masked_mean(gaps, event_valid, axis=1), _masked_max(gaps, event_valid, axis=1)])
     return _reduce_classes(class_gaps, event_valid.any(1), class_reduce), _skipped_group_count(event_valid, group_valid)
 
 
@@ -444,18 +449,17 @@ def _binned_sufficiency_one_class(scores, positive, group_onehot, weights, num_b
     group_sizes = counts.sum(0)
     group_valid = group_sizes > 0
     group_gap = _safe_divide((counts * deviation).sum(0), group_sizes)  # E_{X|A=g} |.|
-    if reduce == "mean":
-        gap = _masked_mean(group_gap, group_valid)
-    elif reduce == "weighted":
-        gap = _safe_divide((group_sizes * group_gap).sum(), group_sizes.sum())
-    elif reduce == "max":
-        gap = _masked_max(group_gap, group_valid)
-    else:  # between_groups: E_X [max_g - min_g of E[Y | f, A = g]] over the groups present in the bin
-        cell_valid = counts > 0
-        highest = jnp.max(jnp.where(cell_valid, group_rate, -jnp.inf), axis=1)
-        lowest = jnp.min(jnp.where(cell_valid, group_rate, jnp.inf), axis=1)
-        spread = jnp.where(cell_valid.any(1), highest - lowest, 0.0)
-        gap = _safe_divide((counts.sum(1) * spread).sum(), counts.sum())
+    # between_groups: E_X [max_g - min_g of E[Y | f, A = g]] over the groups present in the bin.
+    cell_valid = counts > 0
+    highest = jnp.max(jnp.where(cell_valid, group_rate, -jnp.inf), axis=1)
+    lowest = jnp.min(jnp.where(cell_valid, group_rate, jnp.inf), axis=1)
+    spread = jnp.where(cell_valid.any(1), highest - lowest, 0.0)
+    gap = _select(reduce, [  # order of REDUCTIONS
+        _masked_mean(group_gap, group_valid),
+        _safe_divide((group_sizes * group_gap).sum(), group_sizes.sum()),
+        _masked_max(group_gap, group_valid),
+        _safe_divide((counts.sum(1) * spread).sum(), counts.sum()),
+    ])
     return gap, group_valid
 
 
@@ -578,13 +582,12 @@ def _report_arrays_core(probs, labels, groups, mask, num_classes, num_groups, nu
     return out
 
 
-_STATIC_ARGUMENTS = frozenset({
-    "num_classes", "num_groups", "reduce", "score", "class_reduce", "label_reduce", "num_bins", "official_num_bins",
-})
+_STATIC_ARGUMENTS = frozenset({"num_classes", "num_groups", "num_bins", "official_num_bins"})
 
 
 def _jit(core):
-    """jax.jit with the static arguments (sizes and option strings) that ``core`` takes."""
+    """jax.jit with the static arguments (sizes) that ``core`` takes; options are traced int32
+    indices, so switching e.g. ``reduce`` does not recompile."""
     static = [name for name in inspect.signature(core).parameters if name in _STATIC_ARGUMENTS]
     return jax.jit(core, static_argnames=static)
 _confusion_matrix_jit = _jit(_confusion_matrix_core)
@@ -601,11 +604,15 @@ _sufficiency_gap_official_jit = _jit(_sufficiency_gap_official_core)
 _report_arrays_jit = _jit(_report_arrays_core)
 
 
-def _check_gap_options(reduce, score, class_reduce, label_reduce="mean"):
-    _check_option("reduce", reduce, REDUCTIONS)
-    _check_option("score", score, SCORES)
-    _check_option("class_reduce", class_reduce, CLASS_REDUCTIONS)
-    _check_option("label_reduce", label_reduce, LABEL_REDUCTIONS)
+def _gap_options(reduce="mean", score="hard", class_reduce="max", label_reduce="mean", *, names=("reduce", "score", "class_reduce", "label_reduce")):
+    """Validated option strings -> the traced int32 indices the cores take."""
+    options = dict(
+        reduce=_option_index("reduce", reduce, REDUCTIONS),
+        score=_option_index("score", score, SCORES),
+        class_reduce=_option_index("class_reduce", class_reduce, CLASS_REDUCTIONS),
+        label_reduce=_option_index("label_reduce", label_reduce, LABEL_REDUCTIONS),
+    )
+    return {name: options[name] for name in names}
 
 
 # --------------------------------------------------------------------------------------------
@@ -734,10 +741,9 @@ def dp_gap(probs, labels, groups, *, num_classes: int, num_groups: int, mask=Non
     Returns:
       The scalar gap in [0, 1], or ``(gap, skipped_groups)``.
     """
-    _check_gap_options(reduce, score, class_reduce)
+    options = _gap_options(reduce, score, class_reduce, names=("reduce", "score", "class_reduce"))
     probs, labels, groups, mask, num_classes, num_groups = _prepare(probs, labels, groups, mask, num_classes, num_groups)
-    value, skipped = _dp_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups,
-                                 reduce=reduce, score=score, class_reduce=class_reduce)
+    value, skipped = _dp_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups, **options)
     return (value, skipped) if return_skipped else value
 
 
@@ -762,10 +768,9 @@ def eo_gap(probs, labels, groups, *, num_classes: int, num_groups: int, mask=Non
       The scalar gap in [0, 1], or ``(gap, skipped_groups)`` (groups skipped on at least one
       non-empty event).
     """
-    _check_gap_options(reduce, score, class_reduce, label_reduce)
+    options = _gap_options(reduce, score, class_reduce, label_reduce)
     probs, labels, groups, mask, num_classes, num_groups = _prepare(probs, labels, groups, mask, num_classes, num_groups)
-    value, skipped = _eo_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups, reduce=reduce,
-                                 score=score, class_reduce=class_reduce, label_reduce=label_reduce)
+    value, skipped = _eo_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups, **options)
     return (value, skipped) if return_skipped else value
 
 
@@ -784,10 +789,9 @@ def deo_gap(probs, labels, groups, *, num_classes: int, num_groups: int, mask=No
     Returns:
       The scalar gap in [0, 1], or ``(gap, skipped_groups)``.
     """
-    _check_gap_options(reduce, score, class_reduce)
+    options = _gap_options(reduce, score, class_reduce, names=("reduce", "score", "class_reduce"))
     probs, labels, groups, mask, num_classes, num_groups = _prepare(probs, labels, groups, mask, num_classes, num_groups)
-    value, skipped = _deo_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups,
-                                  reduce=reduce, score=score, class_reduce=class_reduce)
+    value, skipped = _deo_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups, **options)
     return (value, skipped) if return_skipped else value
 
 
@@ -804,10 +808,9 @@ def pp_gap(probs, labels, groups, *, num_classes: int, num_groups: int, mask=Non
     Returns:
       The scalar gap in [0, 1], or ``(gap, skipped_groups)``.
     """
-    _check_gap_options(reduce, score, class_reduce)
+    options = _gap_options(reduce, score, class_reduce, names=("reduce", "score", "class_reduce"))
     probs, labels, groups, mask, num_classes, num_groups = _prepare(probs, labels, groups, mask, num_classes, num_groups)
-    value, skipped = _pp_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups,
-                                 reduce=reduce, score=score, class_reduce=class_reduce)
+    value, skipped = _pp_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups, **options)
     return (value, skipped) if return_skipped else value
 
 
@@ -845,10 +848,10 @@ def sufficiency_gap(probs, labels, groups, *, num_classes: int, num_groups: int,
       bin edge may land in the neighbouring bin compared with float64 sklearn (float32 edges).
     """
     num_bins = _check_count("num_bins", num_bins, 1)
-    _check_gap_options(reduce, "soft", class_reduce)
+    options = _gap_options(reduce, "soft", class_reduce, names=("reduce", "class_reduce"))
     probs, labels, groups, mask, num_classes, num_groups = _prepare(probs, labels, groups, mask, num_classes, num_groups)
     value, skipped = _sufficiency_gap_jit(probs, labels, groups, mask, num_classes=num_classes, num_groups=num_groups,
-                                          num_bins=num_bins, reduce=reduce, class_reduce=class_reduce)
+                                          num_bins=num_bins, **options)
     return (value, skipped) if return_skipped else value
 
 
@@ -901,16 +904,16 @@ def report_arrays(probs, labels, groups, *, num_classes: int, num_groups: int, m
     num_groups = _check_count("num_groups", num_groups, 2)
     num_bins = _check_count("num_bins", num_bins, 1)
     official_num_bins = _check_count("official_num_bins", official_num_bins, 1)
-    _check_gap_options(reduce, score, class_reduce, label_reduce)
+    options = _gap_options(reduce, score, class_reduce, label_reduce)
     probs, labels, groups = jnp.asarray(probs), jnp.asarray(labels), jnp.asarray(groups)
     if probs.ndim not in (1, 2) or (probs.ndim == 2 and probs.shape[1] != num_classes):
         raise ValueError(f"probs must be [n, num_classes={num_classes}] or [n] (got shape {probs.shape}); use jax.vmap for a batch of models.")
     if labels.shape != probs.shape[:1] or groups.shape != probs.shape[:1] or (mask is not None and jnp.shape(mask) != probs.shape[:1]):
         raise ValueError(f"labels, groups (and mask) must be [n={probs.shape[0]}] (got {labels.shape}, {groups.shape}).")
+    mask = jnp.ones(probs.shape[:1], bool) if mask is None else jnp.asarray(mask).astype(bool)
     return _report_arrays_jit(
-        probs, labels.astype(jnp.int32), groups.astype(jnp.int32), None if mask is None else jnp.asarray(mask).astype(bool),
-        num_classes=num_classes, num_groups=num_groups, num_bins=num_bins, official_num_bins=official_num_bins,
-        reduce=reduce, score=score, class_reduce=class_reduce, label_reduce=label_reduce,
+        probs, labels.astype(jnp.int32), groups.astype(jnp.int32), mask,
+        num_classes=num_classes, num_groups=num_groups, num_bins=num_bins, official_num_bins=official_num_bins, **options,
     )
 
 
@@ -947,7 +950,7 @@ def report(probs, labels, groups, *, num_classes: int, num_groups: int, num_bins
     """
     num_bins = _check_count("num_bins", num_bins, 1)
     official_num_bins = _check_count("official_num_bins", official_num_bins, 1)
-    _check_gap_options(reduce, score, class_reduce, label_reduce)
+    _gap_options(reduce, score, class_reduce, label_reduce)
     probs, labels, groups, mask, num_classes, num_groups = _prepare(probs, labels, groups, mask, num_classes, num_groups)
     arrays = report_arrays(probs, labels, groups, num_classes=num_classes, num_groups=num_groups, mask=mask,
                            num_bins=num_bins, official_num_bins=official_num_bins, reduce=reduce, score=score,
