@@ -1,0 +1,324 @@
+"""AutoBalance solver (fairopt.solvers.autobalance) and personalised augmentation (fairopt.augment)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from fairopt import augment, hparams
+from fairopt.solvers import autobalance as ab
+from fairopt.train import Batch
+
+
+def _linear_apply(params, x):
+    return x @ params["w"] + params["b"]
+
+
+def _linear_params(num_features, num_classes):
+    return {"w": jnp.zeros((num_features, num_classes)), "b": jnp.zeros(num_classes)}
+
+
+def _rows(x, y, groups=None):
+    x = jnp.asarray(x, jnp.float32)
+    groups = jnp.zeros(len(y), jnp.int32) if groups is None else jnp.asarray(groups, jnp.int32)
+    return Batch(x, jnp.asarray(y, jnp.int32), groups, jnp.ones(len(y), bool))
+
+
+def _two_class_problem(seed=0, majority=400, minority=40, d=2):
+    """Overlapping Gaussians, class 1 ten times rarer in train; balanced validation."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(-1, 1, (majority, d)), rng.normal(1, 1, (minority, d))])
+    y = np.r_[np.zeros(majority), np.ones(minority)].astype(np.int32)
+    xv = np.concatenate([rng.normal(-1, 1, (200, d)), rng.normal(1, 1, (200, d))])
+    yv = np.r_[np.zeros(200), np.ones(200)].astype(np.int32)
+    return _rows(x, y), _rows(xv, yv), np.array([majority, minority])
+
+
+def _inner_solver(solver, rows, params_template, weight_decay, iterations=25):
+    """Return ``solve(raw, start) -> theta*(raw)``: jitted Newton on the exact inner objective
+    (train loss + L2), compiled once and reused for every finite-difference evaluation."""
+    flat0, unravel = ravel_pytree(params_template)
+    noise = jnp.zeros_like(rows.x)
+
+    def inner(vector, raw):
+        l2 = 0.5 * weight_decay * jnp.sum(vector**2)
+        return solver.train_objective(unravel(vector), raw, rows.x, rows.y, rows.groups, rows.mask, noise) + l2
+
+    steps = 0.5 ** jnp.arange(12.0)  # backtracking: the best of 12 step sizes along the Newton direction
+
+    @jax.jit
+    def newton(raw, start):
+        def body(_, vector):
+            direction = jnp.linalg.solve(jax.hessian(inner)(vector, raw), jax.grad(inner)(vector, raw))
+            candidates = vector[None] - steps[:, None] * direction[None]
+            values = jax.vmap(inner, in_axes=(0, None))(candidates, raw)
+            return candidates[jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))]
+
+        vector = jax.lax.fori_loop(0, iterations, body, start)
+        return vector, jnp.linalg.norm(jax.grad(inner)(vector, raw))
+
+    def solve(raw, start=None):
+        vector, residual = newton(raw, flat0 if start is None else ravel_pytree(start)[0])
+        assert float(residual) < 1e-4, f"inner problem not converged (gradient norm {float(residual)})"
+        return unravel(vector)
+
+    return solve
+
+
+def _toy_solver(space, class_counts, d, **overrides):
+    config = ab.AutoBalanceConfig(
+        search_space=space, inverse="exact", lower_weight_decay=1e-2, epochs=1, warmup_epochs=0, **overrides
+    )
+    return ab.autobalance(_linear_apply, config, class_counts=class_counts, num_features=d, steps_per_epoch=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hypergradient direction and accuracy.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_hypergradient_direction_raises_the_minority_on_a_two_class_toy_problem():
+    train, val, counts = _two_class_problem()
+    majority, minority = 0, 1
+    noise = jnp.zeros_like(train.x)
+    theta = None  # every space starts from the same neutral loss, so theta* is shared
+    moves = {}
+    for space in ("weight", "shift", "la_tau"):
+        solver = _toy_solver(space, counts, 2, val_objective="balanced_ce")
+        raw = solver.initial_hparams()
+        if theta is None:
+            theta = _inner_solver(solver, train, _linear_params(2, 2), 1e-2)(raw)
+        grads, value = jax.jit(solver.hypergradient)(theta, raw, train, val, noise)
+        assert np.isfinite(float(value))
+        step = jax.tree_util.tree_map(lambda h, g: h - 1.0 * g, raw, grads)  # one descent step
+        moves[space] = (solver.loss_params(raw), solver.loss_params(step))
+        # Frozen leaves of the search space get exactly zero hypergradient.
+        for name, keep in zip(hparams.LossHparams._fields, hparams.trainable_mask(space)):
+            if not keep:
+                np.testing.assert_array_equal(np.asarray(getattr(grads.loss, name)), 0.0)
+    before, after = moves["weight"]
+    # w: the minority's weight rises relative to the majority's (re-weighting towards balance).
+    assert after.weight[minority] / after.weight[majority] > before.weight[minority] / before.weight[majority] + 1e-3
+    # l: the minority's additive margin l_maj - l_min rises (the logit-adjustment direction,
+    # l_k = tau log pi_k, which gives the rare class the smaller shift).
+    margin = lambda p: float(p.shift[majority] - p.shift[minority])
+    before, after = moves["shift"]
+    assert margin(after) > margin(before) + 1e-3
+    # tau of LA: starts at 0 (plain CE) and grows towards logit adjustment.
+    before, after = moves["la_tau"]
+    assert margin(after) > 1e-3 and margin(before) == 0.0
+
+
+@pytest.mark.parametrize(
+    "space,per_group,objective",
+    [("shift_scale", False, "balanced_ce"), ("weight", True, "blend")],
+)
+def test_solver_hypergradient_matches_finite_differences(space, per_group, objective):
+    rng = np.random.default_rng(1)
+    num_classes, num_groups, d = 3, 2, 3
+    centres = rng.normal(0, 1.5, (num_classes, d))
+    y = np.repeat(np.arange(num_classes), [60, 25, 10])
+    groups = rng.integers(0, num_groups, y.size)
+    x = centres[y] + rng.normal(0, 1, (y.size, d)) + 0.5 * groups[:, None]
+    yv = np.repeat(np.arange(num_classes), 30)
+    gv = rng.integers(0, num_groups, yv.size)
+    xv = centres[yv] + rng.normal(0, 1, (yv.size, d)) + 0.5 * gv[:, None]
+    train, val = _rows(x, y, groups), _rows(xv, yv, gv)
+    cells = np.zeros((num_classes, num_groups), int)
+    np.add.at(cells, (y, groups), 1)
+    weight_decay = 1e-2
+    config = ab.AutoBalanceConfig(
+        search_space=space, per_group=per_group, val_objective=objective, inverse="exact",
+        lower_weight_decay=weight_decay, epochs=1, warmup_epochs=0,
+    )  # fmt: skip
+    solver = ab.autobalance(
+        _linear_apply, config, class_counts=np.bincount(y), cell_counts=cells, num_features=d, steps_per_epoch=1
+    )
+    # A generic point of the search space (not the symmetric init).
+    raw = solver.initial_hparams()
+    raw = raw._replace(loss=jax.tree_util.tree_map(lambda h: h + 0.3 * jnp.asarray(rng.normal(size=h.shape), h.dtype), raw.loss))
+    params0 = _linear_params(d, num_classes)
+    solve = _inner_solver(solver, train, params0, weight_decay)
+    theta = solve(raw)
+    grads, _ = jax.jit(solver.hypergradient)(theta, raw, train, val, jnp.zeros_like(train.x))
+    val_objective = jax.jit(solver.val_objective)
+
+    def validation_at(raw_h):
+        return float(val_objective(solve(raw_h, theta), val.x, val.y, val.groups, val.mask))
+
+    flat, unravel = ravel_pytree(raw)
+    flat_grads = np.asarray(ravel_pytree(grads)[0])
+    trainable = np.asarray(ravel_pytree(jax.tree_util.tree_map(lambda h, k: jnp.full(h.shape, float(k)), raw, ab.AutoBalanceHparams(hparams.trainable_mask(space), False)))[0])
+    eps = 1e-2
+    checked = 0
+    for index in np.flatnonzero(trainable):
+        unit = jnp.zeros_like(flat).at[index].set(eps)
+        estimate = (validation_at(unravel(flat + unit)) - validation_at(unravel(flat - unit))) / (2 * eps)
+        assert flat_grads[index] == pytest.approx(estimate, rel=3e-2, abs=3e-4), (space, index)
+        checked += 1
+    assert checked >= 2
+    np.testing.assert_array_equal(flat_grads[trainable == 0], 0.0)  # frozen leaves
+
+
+# ------------------------------------------------------------------------------------------------
+# Clustering.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_clusters_share_parameters_and_sum_their_members_hypergradients():
+    counts = np.array([50, 5, 30, 10, 20])  # frequency order: 0, 2, 4, 3, 1
+    rng = np.random.default_rng(2)
+    d = 3
+    centres = rng.normal(0, 1.5, (5, d))
+    y = np.repeat(np.arange(5), counts)
+    x = centres[y] + rng.normal(0, 1.5, (y.size, d))
+    yv = np.repeat(np.arange(5), 12)
+    xv = centres[yv] + rng.normal(0, 1.5, (yv.size, d))
+    train, val = _rows(x, y), _rows(xv, yv)
+    clustered = _toy_solver("shift_scale", counts, d, cluster_size=2)
+    per_class = _toy_solver("shift_scale", counts, d, cluster_size=1)
+    raw = clustered.initial_hparams()
+    assert raw.loss.shift.shape == (3,)  # ceil(5 / 2): {0, 2}, {4, 3}, {1}
+    raw = raw._replace(loss=raw.loss._replace(shift=jnp.array([1.0, 2.0, 3.0]), scale_logit=jnp.array([0.5, -0.5, 2.0])))
+    effective = clustered.loss_params(raw)
+    np.testing.assert_allclose(effective.shift, [1.0, 3.0, 1.0, 2.0, 2.0])
+    np.testing.assert_allclose(effective.scale, jax.nn.sigmoid(jnp.array([0.5, 2.0, 0.5, -0.5, -0.5])), rtol=1e-6)
+    # The same loss expressed per class (cluster_size 1 orders classes by frequency).
+    order = np.argsort(-counts, kind="stable")
+    per_class_raw = per_class.initial_hparams()
+    per_class_raw = per_class_raw._replace(
+        loss=per_class_raw.loss._replace(shift=effective.shift[order], scale_logit=jnp.array([0.5, 0.5, -0.5, -0.5, 2.0]))
+    )
+    np.testing.assert_allclose(per_class.loss_params(per_class_raw).shift, effective.shift)
+    np.testing.assert_allclose(per_class.loss_params(per_class_raw).scale, effective.scale, rtol=1e-6)
+    theta = _inner_solver(clustered, train, _linear_params(d, 5), 1e-2)(raw)
+    noise = jnp.zeros_like(train.x)
+    cluster_grads, _ = jax.jit(clustered.hypergradient)(theta, raw, train, val, noise)
+    class_grads, _ = jax.jit(per_class.hypergradient)(theta, per_class_raw, train, val, noise)
+    # Chain rule through D: d/dl'_j = sum over the member classes of d/dl_k.
+    to_classes = np.asarray(hparams.class_clusters(counts, 1))  # [K, K] (class, rank)
+    dictionary = np.asarray(hparams.class_clusters(counts, 2))  # [K, 3]
+    for leaf in ("shift", "scale_logit"):
+        per_class_by_class = to_classes @ np.asarray(getattr(class_grads.loss, leaf))
+        np.testing.assert_allclose(
+            np.asarray(getattr(cluster_grads.loss, leaf)), dictionary.T @ per_class_by_class, rtol=1e-4, atol=1e-6
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Search then retrain, end to end.
+# ------------------------------------------------------------------------------------------------
+
+
+def _dataset(x, y, g):
+    return types.SimpleNamespace(features=np.asarray(x, np.float32), labels=np.asarray(y), groups=np.asarray(g))
+
+
+def test_search_then_retrain_runs_end_to_end_on_a_tiny_problem():
+    rng = np.random.default_rng(3)
+    counts = np.array([120, 40, 12])
+    centres = np.array([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
+
+    def sample(per_class):
+        y = np.repeat(np.arange(3), per_class)
+        return centres[y] + rng.normal(0, 0.9, (y.size, 2)), y
+
+    x, y = sample(counts)
+    xv, yv = sample([30, 10, 3])
+    xt, yt = sample([100, 100, 100])
+    config = ab.AutoBalanceConfig(
+        search_space="shift_scale", augment=True, augment_radius_init=0.2, epochs=6, warmup_epochs=3,
+        iter_interval=1, batch_size=32, train_batches=2, val_batches=2, lower_learning_rate=0.05,
+        upper_learning_rate=0.05, upper_optimizer="adam", neumann_alpha=0.1,
+    )  # fmt: skip
+    result = ab.search_and_retrain(
+        _linear_apply, lambda key: _linear_params(2, 3), config,
+        _dataset(x, y, np.zeros_like(y)), _dataset(xv, yv, np.zeros_like(yv)), key=jax.random.key(0), num_classes=3,
+    )  # fmt: skip
+    steps = -(-len(y) // 32)
+    history = result.search_history
+    assert len(history) == 6 and len(result.trajectory) == 7
+    assert [h["upper_steps"] for h in history[:3]] == [0.0, 0.0, 0.0]  # warm-up
+    assert all(h["upper_steps"] == steps for h in history[3:])  # iter_interval 1: every step
+    # The hyperparameters stay at their init during the warm-up and move afterwards.
+    initial = result.trajectory[0]
+    for snapshot in result.trajectory[1:4]:
+        np.testing.assert_array_equal(snapshot["shift"], initial["shift"])
+    final = result.trajectory[-1]
+    assert not np.allclose(final["shift"], initial["shift"]) and not np.allclose(final["delta"], initial["delta"])
+    assert not np.allclose(final["radius"], initial["radius"])
+    np.testing.assert_array_equal(final["weight"], 1.0)  # not searched
+    # The learnt shifts end ordered by class frequency (majority largest: the LA direction).
+    assert final["shift"][0] > final["shift"][1] > final["shift"][2]
+    assert history[-1]["val_objective"] < history[3]["val_objective"]
+    # Retrain: frozen hyperparameters, a fresh model trained on train + val for the same epochs.
+    retrain_steps = -(-(len(y) + len(yv)) // 32)
+    assert int(result.state.step) == 6 * retrain_steps
+    jax.tree_util.tree_map(np.testing.assert_array_equal, result.state.hparams, result.hparams)
+    probabilities = np.asarray(result.retrain_solver.predict(result.state, jnp.asarray(xt, jnp.float32)))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    recalls = [np.mean(probabilities.argmax(1)[yt == k] == k) for k in range(3)]
+    assert np.mean(recalls) > 0.8
+
+
+def test_retrain_phase_never_changes_the_hyperparameters():
+    counts = np.array([30, 10])
+    solver = ab.autobalance(
+        _linear_apply, ab.AutoBalanceConfig(epochs=2, warmup_epochs=0, iter_interval=1), class_counts=counts,
+        num_features=2, steps_per_epoch=1, search=False,
+    )  # fmt: skip
+    raw = solver.initial_hparams()
+    raw = raw._replace(loss=raw.loss._replace(shift=jnp.array([0.5, -0.5])))
+    state = solver.init(jax.random.key(0), _linear_params(2, 2), hparams=raw)
+    batch = _rows(np.random.default_rng(0).normal(size=(8, 2)), np.array([0, 1] * 4))
+    new_state, metrics = jax.jit(solver.step)(state, batch)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new_state.hparams, raw)
+    assert not np.allclose(new_state.params["w"], 0.0) and np.isfinite(float(metrics["loss"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation and input validation.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unit_ball_noise_is_inside_the_ball_and_augmentation_uses_the_class_radius():
+    noise = augment.unit_ball_noise(jax.random.key(0), (4000, 3))
+    norms = np.linalg.norm(np.asarray(noise), axis=1)
+    assert norms.max() <= 1.0 + 1e-6
+    # Uniform in the 3-ball: P(||u|| <= 1/2) = 1/8.
+    assert abs(np.mean(norms <= 0.5) - 0.125) < 0.02
+    x = jnp.zeros((4000, 3))
+    labels = jnp.asarray(np.arange(4000) % 2)
+    out = augment.spherical_augment(x, labels, jnp.array([0.0, 2.0]), noise)
+    np.testing.assert_array_equal(np.asarray(out[labels == 0]), 0.0)
+    assert np.linalg.norm(np.asarray(out[labels == 1]), axis=1).max() <= 2.0 + 1e-5
+    with pytest.raises(ValueError, match="radius"):
+        augment.spherical_augment(x, labels, jnp.ones((2, 2)), noise)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(search_space="delta"), "search_space"),
+        (dict(val_objective="ce_bal"), "val_objective"),
+        (dict(lambda_val=1.5), "lambda_val"),
+        (dict(warmup_epochs=10, epochs=5), "warmup_epochs"),
+        (dict(iter_interval=0), "iter_interval"),
+        (dict(upper_optimizer="rmsprop"), "upper_optimizer"),
+    ],
+)
+def test_bad_configuration_raises_value_error_naming_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ab.AutoBalanceConfig(**overrides)
+
+
+def test_group_objective_without_cell_counts_is_rejected():
+    config = dataclasses.replace(ab.AutoBalanceConfig(), val_objective="blend", lambda_val=0.1)
+    with pytest.raises(ValueError, match="cell_counts"):
+        ab.autobalance(_linear_apply, config, class_counts=[10, 5], num_features=2, steps_per_epoch=1)
