@@ -36,9 +36,11 @@ def test_hvp_equals_dense_hessian_product():
     params = {"a": jnp.asarray(rng.normal(size=3), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
     tangent = {"a": jnp.asarray(rng.normal(size=3), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
     flat_params, unravel = ravel_pytree(params)
-    hessian = jax.hessian(lambda x: nonquadratic(unravel(x), 1.5))(flat_params)
+    hessian = jax.jit(jax.hessian(lambda x: nonquadratic(unravel(x), 1.5)))(flat_params)
     expected = unravel(hessian @ ravel_pytree(tangent)[0])
     chex.assert_trees_all_close(implicit.hvp(nonquadratic, params, tangent, 1.5), expected, rtol=1e-5, atol=1e-6)
+    jitted = jax.jit(implicit.hvp, static_argnums=0)(nonquadratic, params, tangent, 1.5)
+    chex.assert_trees_all_close(jitted, expected, rtol=1e-5, atol=1e-6)
 
 
 def spd_problem(seed=0, size=6):
@@ -91,10 +93,16 @@ def test_inverse_hvp_of_multi_leaf_pytree():
     v = {"a": jnp.array([1.0, 2.0, -1.0]), "b": jnp.array([[0.5, -0.5], [1.0, 0.0]])}
     f = lambda p: jnp.sum(jnp.exp(p["a"])) + jnp.sum(jnp.cosh(p["b"])) + jnp.sum(p["a"]) * jnp.sum(p["b"])  # noqa: E731
     flat, unravel = ravel_pytree(params)
-    expected = unravel(jnp.linalg.solve(jax.hessian(lambda x: f(unravel(x)))(flat), ravel_pytree(v)[0]))
-    hvp_fn = lambda t: implicit.hvp(f, params, t)  # noqa: E731
-    chex.assert_trees_all_close(implicit.exact_inverse_hvp(hvp_fn, v), expected, rtol=1e-4, atol=1e-5)
-    chex.assert_trees_all_close(implicit.cg_inverse_hvp(hvp_fn, v, max_iters=30), expected, rtol=1e-3, atol=1e-4)
+
+    @jax.jit
+    def solves(params, v):
+        expected = unravel(jnp.linalg.solve(jax.hessian(lambda x: f(unravel(x)))(flat), ravel_pytree(v)[0]))
+        hvp_fn = lambda t: implicit.hvp(f, params, t)  # noqa: E731
+        return expected, implicit.exact_inverse_hvp(hvp_fn, v), implicit.cg_inverse_hvp(hvp_fn, v, max_iters=30)
+
+    expected, exact, cg = solves(params, v)
+    chex.assert_trees_all_close(exact, expected, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(cg, expected, rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------- weighted ridge regression
@@ -154,19 +162,18 @@ def ridge_hypergradient(weights, x, y, example_group, x_val, y_val, **options):
 
 
 NEUMANN = dict(inverse="neumann", alpha=0.5, num_terms=60)
+RIDGE_INVERSES = {"exact": dict(inverse="exact"), "cg": dict(inverse="cg", cg_iters=10), "neumann": NEUMANN}
 
 
-@pytest.mark.parametrize(
-    "options", [dict(inverse="exact"), dict(inverse="cg", cg_iters=10), NEUMANN], ids=["exact", "cg", "neumann"]
-)
-def test_ridge_hypergradient_matches_closed_form(options):
+def test_ridge_hypergradient_matches_closed_form():
     data = ridge_data(0)
     exact_h, exact_xv, exact_yv = ridge_exact(*data)
-    grad_h, (grad_xv, grad_yv) = jax.jit(lambda *d: ridge_hypergradient(*d, **options))(*data)
-    assert relative_error(grad_h, exact_h) < 1e-4
-    # outer_args do not enter the inner problem: their derivative is the partial one
-    assert relative_error(grad_xv, exact_xv) < 1e-5
-    assert relative_error(grad_yv, exact_yv) < 1e-5
+    results = jax.jit(lambda *d: {name: ridge_hypergradient(*d, **opts) for name, opts in RIDGE_INVERSES.items()})(*data)
+    for name, (grad_h, (grad_xv, grad_yv)) in results.items():
+        assert relative_error(grad_h, exact_h) < 1e-4, name
+        # outer_args do not enter the inner problem: their derivative is the partial one
+        assert relative_error(grad_xv, exact_xv) < 1e-5, name
+        assert relative_error(grad_yv, exact_yv) < 1e-5, name
 
 
 def test_ridge_indirect_term_matters():
@@ -180,17 +187,16 @@ def test_ridge_indirect_term_matters():
 def test_ridge_neumann_error_shrinks_with_terms():
     data = ridge_data(1)
     exact_h = ridge_exact(*data)[0]
-    errors = [
-        relative_error(jax.jit(lambda *d: ridge_hypergradient(*d, inverse="neumann", alpha=0.5, num_terms=j)[0])(*data), exact_h)
-        for j in (0, 3, 10, 40)
-    ]
+    terms = (0, 3, 10, 40)
+    results = jax.jit(lambda *d: [ridge_hypergradient(*d, inverse="neumann", alpha=0.5, num_terms=j)[0] for j in terms])(*data)
+    errors = [relative_error(result, exact_h) for result in results]
     assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-3
 
 
 def test_ridge_jit_equals_no_jit():
     data = ridge_data(2)
-    for options in (dict(inverse="cg"), NEUMANN, dict(inverse="exact")):
+    for options in (dict(inverse="cg"), NEUMANN):
         jitted = jax.jit(lambda *d: ridge_hypergradient(*d, **options))(*data)
         chex.assert_trees_all_close(jitted, ridge_hypergradient(*data, **options), rtol=1e-5, atol=1e-7)
 
@@ -214,24 +220,41 @@ def test_vmapped_groups_equal_loop_and_use_own_hessians(inverse):
         return ridge_hypergradient(weights, x, y, example_group, x_val, y_val, **options)
 
     vmapped = jax.jit(jax.vmap(one_group, in_axes=(None, 0, 0, 0, 0, 0)))(shared_weights, *stacked)
-    loop = stack([one_group(shared_weights, *d) for d in per_group])
+    one_group_compiled = jax.jit(one_group)
+    loop = stack([one_group_compiled(shared_weights, *d) for d in per_group])
     chex.assert_trees_all_close(vmapped, loop, rtol=1e-5, atol=1e-7)
+    assert relative_error(jnp.sum(vmapped[0], axis=0), ridge_total_exact(shared_weights, per_group)) < 1e-4
+
+
+def ridge_total_exact(weights, per_group):
+    """Exact gradient of sum_g F_g(theta_g*(h), h) through the closed-form solutions."""
 
     def total_outer(h):
         return sum(ridge_outer(ridge_solution(h, x, y, g), h, xv, yv) for x, y, g, xv, yv in per_group)
 
-    assert relative_error(jnp.sum(vmapped[0], axis=0), jax.grad(total_outer)(shared_weights)) < 1e-4
+    return jax.jit(jax.grad(total_outer))(weights)
 
-    # The official FACIMS shortcut — one solve with the groups' summed Hessian applied to the
-    # summed outer gradients — is not the implicit function theorem and is measurably off.
-    thetas = [ridge_solution(shared_weights, x, y, g) for x, y, g, _, _ in per_group]
-    summed_hessian = sum(jax.hessian(ridge_inner)(t, shared_weights, x, y, g) for t, (x, y, g, _, _) in zip(thetas, per_group))
-    summed_v = sum(jax.grad(ridge_outer)(t, shared_weights, xv, yv) for t, (_, _, _, xv, yv) in zip(thetas, per_group))
-    shared_u = jnp.linalg.solve(summed_hessian, summed_v)
-    shortcut = jax.grad(lambda h: sum(ridge_outer(t, h, xv, yv) for t, (_, _, _, xv, yv) in zip(thetas, per_group)))(shared_weights)
-    for t, (x, y, g, _, _) in zip(thetas, per_group):
-        shortcut -= jax.grad(lambda h: jnp.dot(jax.grad(ridge_inner)(t, h, x, y, g), shared_u))(shared_weights)
-    assert relative_error(shortcut, jax.grad(total_outer)(shared_weights)) > 0.05
+
+def test_summed_hessian_shortcut_of_official_code_is_wrong():
+    """The official FACIMS shortcut — one solve with the groups' summed Hessian applied to the
+    summed outer gradients — is not the implicit function theorem: measurably off the exact
+    gradient that the per-group (vmapped) solves reproduce."""
+    groups = [ridge_data(seed) for seed in (3, 4, 5)]
+    shared_weights = groups[0][0]
+    per_group = [data[1:] for data in groups]
+
+    @jax.jit
+    def shortcut(weights):
+        thetas = [ridge_solution(weights, x, y, g) for x, y, g, _, _ in per_group]
+        summed_hessian = sum(jax.hessian(ridge_inner)(t, weights, x, y, g) for t, (x, y, g, _, _) in zip(thetas, per_group))
+        summed_v = sum(jax.grad(ridge_outer)(t, weights, xv, yv) for t, (_, _, _, xv, yv) in zip(thetas, per_group))
+        shared_u = jnp.linalg.solve(summed_hessian, summed_v)
+        result = jax.grad(lambda h: sum(ridge_outer(t, h, xv, yv) for t, (_, _, _, xv, yv) in zip(thetas, per_group)))(weights)
+        for t, (x, y, g, _, _) in zip(thetas, per_group):
+            result -= jax.grad(lambda h: jnp.dot(jax.grad(ridge_inner)(t, h, x, y, g), shared_u))(weights)
+        return result
+
+    assert relative_error(shortcut(shared_weights), ridge_total_exact(shared_weights, per_group)) > 0.05
 
 
 # ---------------------------------------------------------------- weighted logistic regression
@@ -271,11 +294,14 @@ def newton_solve(weights, x, signs, example_group, iterations=12):
     return jax.lax.fori_loop(0, iterations, step, jnp.zeros(x.shape[1]))
 
 
-@pytest.mark.parametrize(
-    "options", [dict(inverse="exact"), dict(inverse="cg", cg_iters=10), dict(inverse="neumann", alpha=2.0, num_terms=80)],
-    ids=["exact", "cg", "neumann"],
-)
-def test_logistic_hypergradient_matches_unrolled_newton(options):
+LOGISTIC_INVERSES = {
+    "exact": dict(inverse="exact"),
+    "cg": dict(inverse="cg", cg_iters=10),
+    "neumann": dict(inverse="neumann", alpha=2.0, num_terms=80),
+}
+
+
+def test_logistic_hypergradient_matches_unrolled_newton():
     data = logistic_data()
     weights = jnp.array([0.5, 1.0, 1.5, 2.0])
 
@@ -285,19 +311,23 @@ def test_logistic_hypergradient_matches_unrolled_newton(options):
         stationarity = jnp.linalg.norm(jax.grad(logistic_inner)(theta_star, weights, x, signs, example_group))
         # Differentiating through converged Newton iterations gives the exact dF/dh.
         reference = jax.grad(lambda h: logistic_outer(newton_solve(h, x, signs, example_group), h, x_val, signs_val))(weights)
-        grad_h, _ = implicit.implicit_hypergradient(
-            lambda theta, h: logistic_inner(theta, h, x, signs, example_group),
-            logistic_outer,
-            theta_star,
-            weights,
-            (x_val, signs_val),
-            **options,
-        )
-        return stationarity, reference, grad_h
+        results = {
+            name: implicit.implicit_hypergradient(
+                lambda theta, h: logistic_inner(theta, h, x, signs, example_group),
+                logistic_outer,
+                theta_star,
+                weights,
+                (x_val, signs_val),
+                **options,
+            )[0]
+            for name, options in LOGISTIC_INVERSES.items()
+        }
+        return stationarity, reference, results
 
-    stationarity, reference, grad_h = compare(weights, *data)
+    stationarity, reference, results = compare(weights, *data)
     assert float(stationarity) < 1e-6
-    assert relative_error(grad_h, reference) < 1e-3
+    for name, grad_h in results.items():
+        assert relative_error(grad_h, reference) < 1e-3, name
 
 
 # ---------------------------------------------------------------- posterior-valued theta (FACIMS shape)
@@ -328,23 +358,36 @@ def gaussian_outer(q, hparams, validation_mean):
     return jnp.sum((q.mean["w"] - validation_mean) ** 2) + jnp.sum(jnp.exp(q.log_std["w"])) + 0.1 * posterior.kl(q, prior)
 
 
-@pytest.mark.parametrize(
-    "options", [dict(inverse="exact"), dict(inverse="cg", cg_iters=12), dict(inverse="neumann", alpha=0.3, num_terms=80)],
-    ids=["exact", "cg", "neumann"],
-)
-def test_gaussian_posterior_hypergradient_with_tuple_hparams(options):
+GAUSSIAN_INVERSES = {
+    "exact": dict(inverse="exact"),
+    "cg": dict(inverse="cg", cg_iters=12),
+    "neumann": dict(inverse="neumann", alpha=0.3, num_terms=80),
+}
+
+
+def test_gaussian_posterior_hypergradient_with_tuple_hparams():
     prior = Gaussian({"w": jnp.array([0.2, 0.1, -0.3])}, {"w": jnp.array([0.1, -0.2, 0.0])})
     hparams = (prior, jnp.array([0.5, 1.0, 2.0]))
     validation_mean = jnp.array([0.0, 1.0, 1.0])
-    q_star = gaussian_solution(hparams)
-    stationarity = jax.grad(gaussian_inner)(q_star, hparams)
+
+    @jax.jit
+    def compare(hparams, validation_mean):
+        q_star = gaussian_solution(hparams)
+        stationarity = jax.grad(gaussian_inner)(q_star, hparams)
+        exact = jax.grad(lambda h, m: gaussian_outer(gaussian_solution(h), h, m), argnums=(0, 1))(hparams, validation_mean)
+        results = {
+            name: implicit.implicit_hypergradient(gaussian_inner, gaussian_outer, q_star, hparams, (validation_mean,), **options)
+            for name, options in GAUSSIAN_INVERSES.items()
+        }
+        return stationarity, exact, results
+
+    stationarity, (exact_h, exact_val), results = compare(hparams, validation_mean)
     assert max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree_util.tree_leaves(stationarity)) < 1e-5
-    exact_h, exact_val = jax.grad(lambda h, m: gaussian_outer(gaussian_solution(h), h, m), argnums=(0, 1))(hparams, validation_mean)
-    grad_h, (grad_val,) = implicit.implicit_hypergradient(gaussian_inner, gaussian_outer, q_star, hparams, (validation_mean,), **options)
-    chex.assert_trees_all_equal_structs(grad_h, hparams)
-    assert isinstance(grad_h[0], Gaussian)
-    assert relative_error(grad_h, exact_h) < 1e-4
-    np.testing.assert_allclose(grad_val, exact_val, rtol=1e-5)
+    for name, (grad_h, (grad_val,)) in results.items():
+        chex.assert_trees_all_equal_structs(grad_h, hparams)
+        assert isinstance(grad_h[0], Gaussian), name
+        assert relative_error(grad_h, exact_h) < 1e-4, name
+        np.testing.assert_allclose(grad_val, exact_val, rtol=1e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------- errors
