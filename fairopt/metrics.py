@@ -45,6 +45,11 @@ constant predictions give DP = EO = 0 and PP skips the groups that never predict
 all-zero probability row predicts class 0 and has score 0 under ``score="soft"``; ``n = 0`` (or
 an all-False mask) gives 0 for every metric.
 
+Compilation: each public function calls a jitted core whose only static arguments are sizes
+(K, G, bins); the option strings become traced int32 indices (every reduction is computed and
+one selected) and a missing mask becomes an all-True one, so switching options or masking never
+recompiles. Shapes do: reuse shapes (pad with ``mask``) in loops.
+
 Validation: the public functions check shapes and options always and, when the inputs are
 concrete (not traced by jit/vmap), also values (label/group ranges, NaN and out-of-range
 probabilities, mask dtype); they raise ValueError/TypeError naming the argument and the fix.
@@ -140,6 +145,9 @@ def _as_array(name: str, x: Any) -> Any:
         raise TypeError(f"{name} must be array-like (got {type(x).__name__}).") from error
 
 
+_COUNT_ARGUMENT = {"class": "num_classes", "group": "num_groups"}
+
+
 def _check_integer_vector(name: str, x: Any, length: int, upper: int, what: str) -> Any:
     x = _as_array(name, x)
     if x.ndim != 1:
@@ -153,7 +161,7 @@ def _check_integer_vector(name: str, x: Any, length: int, upper: int, what: str)
         values = np.asarray(x)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= upper:
-            raise ValueError(f"{name} must lie in [0, {upper}) (got values in [{low}, {high}]); check num_{what}s or re-encode {name}.")
+            raise ValueError(f"{name} must lie in [0, {upper}) (got values in [{low}, {high}]); check {_COUNT_ARGUMENT[what]} or re-encode {name}.")
     return x
 
 
@@ -644,7 +652,8 @@ def group_confusion_matrices(probs, labels, groups, *, num_classes: int, num_gro
     """Per-group confusion matrices ``C[g, y, k]`` ([G, K, K], float32 counts); empty groups are 0."""
     probs, labels, groups, mask, num_classes, num_groups = _prepare(probs, labels, groups, mask, num_classes, num_groups)
     weights = _sample_weights(mask, labels.shape[0])
-    return _label_group_score_sums(_score_matrix(probs, num_classes, "hard"), labels, groups, weights, num_classes, num_groups)
+    predicted = jax.nn.one_hot(_predicted_labels(probs), num_classes, dtype=_FLOAT)
+    return _label_group_score_sums(predicted, labels, groups, weights, num_classes, num_groups)
 
 
 def accuracy(probs, labels, *, num_classes: int, mask=None) -> jax.Array:
@@ -897,8 +906,9 @@ def report_arrays(probs, labels, groups, *, num_classes: int, num_groups: int, m
     """Every metric as a dict of jnp scalars, computed by one jitted function (usable on device,
     inside solvers, and under ``jax.vmap`` over models).
 
-    No value checks are made here (only shapes and options, at trace time); :func:`report` is the
-    validated host-side entry point. Keys: see :func:`report`.
+    No value checks are made here (only shapes and options); :func:`report` is the validated
+    host-side entry point. Keys: see :func:`report`. The option strings are turned into traced
+    indices, so one compiled function serves every option for a given (n, K, G, bins).
     """
     num_classes = _check_count("num_classes", num_classes, 2)
     num_groups = _check_count("num_groups", num_groups, 2)
