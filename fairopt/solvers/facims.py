@@ -60,6 +60,7 @@ import numpy as np
 import optax
 
 from fairopt import implicit, losses, posterior, sam
+from fairopt.data.batching import GroupedArrays, sample_group_batch
 from fairopt.train import Solver, masked_mean
 
 METHODS = ("facims", "facims_i", "facims_ii", "fams")
@@ -165,14 +166,6 @@ class VSParams(NamedTuple):
     log_scale: jax.Array  # [K] or [K, G]
 
 
-class GroupData(NamedTuple):
-    """Rows of every group, padded: group ``g`` owns ``x[g, :count[g]]`` (see fairopt.data)."""
-
-    x: jax.Array  # [G, N, d]
-    y: jax.Array  # [G, N]
-    count: jax.Array  # [G]
-
-
 class FacimsState(NamedTuple):
     global_posterior: posterior.Gaussian
     local_posteriors: posterior.Gaussian  # leaves [G, ...]
@@ -208,50 +201,32 @@ def group_sharpness(config: FacimsConfig, group_counts) -> jax.Array:
     return jnp.asarray(beta, jnp.float32)
 
 
-def _sample_rows(key, data: GroupData, batch_size: int):
-    """A [G, B] batch drawn uniformly with replacement from each group's rows, with mask."""
-    num_groups = data.x.shape[0]
-    keys = jax.random.split(key, num_groups)
+class FacimsParts(NamedTuple):
+    """The per-group building blocks of :func:`facims` (exposed for tests and custom loops).
 
-    def one_group(key, x, y, count):
-        index = jax.random.randint(key, (batch_size,), 0, jnp.maximum(count, 1))
-        return x[index], y[index], jnp.broadcast_to(count > 0, (batch_size,))
-
-    return jax.vmap(one_group)(keys, data.x, data.y, data.count)
-
-
-def facims(
-    apply_fn: Callable[[Any, jax.Array], jax.Array],
-    config: FacimsConfig,
-    *,
-    class_counts,
-    group_counts,
-    batch_size: int = 50,
-    val_batch_size: int = 50,
-) -> Solver:
-    """The FACIMS solver (module docstring) as pure ``init / step / predict`` functions.
-
-    Args:
-      apply_fn: ``apply_fn(params, x) -> logits``; a parameter pytree is a network.
-      config: :class:`FacimsConfig`.
-      class_counts: training rows per class [K] (for ``v_bar`` and the balanced loss).
-      group_counts: training rows per group [G] before any resampling (frequency-scaled SAM).
-      batch_size: train rows per group per middle step. val_batch_size: per upper step.
-
-    Returns:
-      A :class:`fairopt.train.Solver`: ``init(key, params) -> FacimsState``;
-      ``step(state, (train: GroupData, val: GroupData)) -> (state, metrics)`` runs one round;
-      ``predict(state, x)`` is the Monte-Carlo average of the global posterior's probabilities.
+    Every function acts on ONE group; the solver ``jax.vmap``s them over the group axis.
     """
+
+    v_bar: VSParams
+    sharpness: jax.Array  # beta^a [G]
+    divergence: Callable
+    local_optimizer: optax.GradientTransformation
+    global_optimizer: optax.GradientTransformation
+    hparam_optimizer: optax.GradientTransformation
+    inner_objective: Callable  # (local_q, global_q, vs_params, batch, noise, group, perturbation=None)
+    upper_objective: Callable  # (local_q, global_q, val_batch, global_noise, group)
+    middle_step: Callable  # (local_q, opt_state, global_q, vs_params, batch, noise, group, radius, active)
+    group_hypergradient: Callable  # (local_q, global_q, vs_params, batch, noise, val_batch, global_noise, group)
+    fams_global_gradient: Callable  # (local_q, global_q)
+
+
+def facims_parts(
+    apply_fn: Callable[[Any, jax.Array], jax.Array], config: FacimsConfig, *, class_counts, group_counts
+) -> FacimsParts:
+    """Build the per-group functions of FACIMS (see :class:`FacimsParts` and the module docstring)."""
     class_counts = np.asarray(class_counts)
     group_counts = np.asarray(group_counts)
     num_classes, num_groups = len(class_counts), len(group_counts)
-    if num_classes < 2 or num_groups < 1:
-        raise ValueError(f"need >= 2 classes and >= 1 group, got K={num_classes}, G={num_groups}")
-    if batch_size < 1 or val_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {val_batch_size}")
-    if config.groups_per_step is not None and config.groups_per_step > num_groups:
-        raise ValueError(f"groups_per_step={config.groups_per_step} exceeds the {num_groups} groups")
     divergence = posterior.divergence(config.divergence)
     v_bar = logit_adjusted_vs_params(
         class_counts, num_groups, tau=config.tau, per_group=config.hparams_per_group
@@ -354,12 +329,73 @@ def facims(
             inverse=config.inverse,
             alpha=config.neumann_alpha,
             num_terms=config.inverse_terms,
+            cg_iters=config.inverse_terms,
         )
         return grad_global, grad_vs, outer(local_q, (global_q, vs_params))
 
     def fams_global_gradient(local_q, global_q):
         value, grad_global = jax.value_and_grad(lambda g: config.alpha_up * divergence(local_q, g))(global_q)
         return grad_global, value
+
+    return FacimsParts(
+        v_bar=v_bar,
+        sharpness=beta,
+        divergence=divergence,
+        local_optimizer=local_optimizer,
+        global_optimizer=global_optimizer,
+        hparam_optimizer=hparam_optimizer,
+        inner_objective=inner_objective,
+        upper_objective=upper_objective,
+        middle_step=middle_step,
+        group_hypergradient=group_hypergradient,
+        fams_global_gradient=fams_global_gradient,
+    )
+
+
+def facims(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    config: FacimsConfig,
+    *,
+    class_counts,
+    group_counts,
+    batch_size: int = 50,
+    val_batch_size: int = 50,
+) -> Solver:
+    """The FACIMS solver (module docstring) as pure ``init / step / predict`` functions.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits``; a parameter pytree is a network.
+      config: :class:`FacimsConfig`.
+      class_counts: training rows per class [K] (for ``v_bar`` and the balanced loss).
+      group_counts: training rows per group [G] before any resampling (frequency-scaled SAM).
+      batch_size: train rows per group per middle step. val_batch_size: per upper step.
+
+    Returns:
+      A :class:`fairopt.train.Solver`: ``init(key, params) -> FacimsState``;
+      ``step(state, (train: GroupedArrays, val: GroupedArrays)) -> (state, metrics)`` runs one round;
+      ``predict(state, x)`` is the Monte-Carlo average of the global posterior's probabilities.
+    """
+    class_counts = np.asarray(class_counts)
+    group_counts = np.asarray(group_counts)
+    num_classes, num_groups = len(class_counts), len(group_counts)
+    if num_classes < 2 or num_groups < 1:
+        raise ValueError(f"need >= 2 classes and >= 1 group, got K={num_classes}, G={num_groups}")
+    if batch_size < 1 or val_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {val_batch_size}")
+    if config.groups_per_step is not None and config.groups_per_step > num_groups:
+        raise ValueError(f"groups_per_step={config.groups_per_step} exceeds the {num_groups} groups")
+    parts = facims_parts(apply_fn, config, class_counts=class_counts, group_counts=group_counts)
+    divergence, v_bar, beta = parts.divergence, parts.v_bar, parts.sharpness
+    local_optimizer, global_optimizer, hparam_optimizer = (
+        parts.local_optimizer,
+        parts.global_optimizer,
+        parts.hparam_optimizer,
+    )
+    middle_step, group_hypergradient, fams_global_gradient = (
+        parts.middle_step,
+        parts.group_hypergradient,
+        parts.fams_global_gradient,
+    )
 
     # ---- solver functions -----------------------------------------------------------------------
 
@@ -377,7 +413,7 @@ def facims(
             key=key,
         )
 
-    def active_groups(key, train: GroupData):
+    def active_groups(key, train: GroupedArrays):
         present = train.count > 0
         if config.groups_per_step is None:
             return present
@@ -388,10 +424,12 @@ def facims(
     def step(state: FacimsState, data):
         train, val = data
         key, round_key = jax.random.split(state.key)
-        keys = jax.random.split(round_key, 2 * config.middle_steps + 2 * config.upper_steps + 1)
+        middle_key, upper_key, active_key, first_key = jax.random.split(round_key, 4)
+        middle_keys = jax.random.split(middle_key, (config.middle_steps, 2))
+        upper_keys = jax.random.split(upper_key, (config.upper_steps, 2))
         groups = jnp.arange(num_groups)
         global_q, vs_params = state.global_posterior, state.vs_params
-        active = active_groups(keys[-1], train)
+        active = active_groups(active_key, train)
 
         def noise_for(key, q, leading):
             return posterior.standard_normal_like(key, q, config.num_mc) if leading is None else jax.vmap(
@@ -403,7 +441,7 @@ def facims(
         def middle_body(carry, step_keys):
             local_q, opt_state, _ = carry
             batch_key, noise_key = step_keys
-            batch = _sample_rows(batch_key, train, batch_size)
+            batch = sample_group_batch(batch_key, train, batch_size)
             noise = noise_for(noise_key, one_global, num_groups)
             local_q, opt_state, loss = jax.vmap(
                 middle_step, in_axes=(0, 0, None, None, 0, 0, 0, 0, 0)
@@ -412,9 +450,10 @@ def facims(
                 jnp.sum(active), 1
             )
 
-        first_batch = _sample_rows(keys[0], train, batch_size)
-        first_noise = noise_for(keys[1], one_global, num_groups)
-        middle_keys = keys[: 2 * config.middle_steps].reshape(config.middle_steps, 2, -1)
+        # The scan carries the last middle step's batch and noise: the hypergradient is taken
+        # at the same draw as the last inner step (placeholders of the right shape to start).
+        first_batch = sample_group_batch(first_key, train, batch_size)
+        first_noise = noise_for(first_key, one_global, num_groups)
         (local_q, local_opt_state, (last_batch, last_noise)), middle_losses = jax.lax.scan(
             middle_body,
             (state.local_posteriors, state.local_opt_state, (first_batch, first_noise)),
@@ -427,7 +466,7 @@ def facims(
             num_active = jnp.maximum(jnp.sum(active), 1)
             weight = active.astype(jnp.float32) / num_active
             if config.has_validation_level:
-                val_batch = _sample_rows(val_key, val, val_batch_size)
+                val_batch = sample_group_batch(val_key, val, val_batch_size)
                 global_noise = noise_for(noise_key, global_q, None)
                 grad_global, grad_vs, values = jax.vmap(
                     group_hypergradient, in_axes=(0, None, None, 0, 0, 0, None, 0)
@@ -446,8 +485,6 @@ def facims(
                 vs_params = optax.apply_updates(vs_params, updates)
             return (global_q, vs_params, global_opt_state, hparam_opt_state), jnp.sum(weight * values)
 
-        upper_keys = keys[2 * config.middle_steps : 2 * config.middle_steps + 2 * config.upper_steps]
-        upper_keys = upper_keys.reshape(config.upper_steps, 2, -1)
         (global_q, vs_params, global_opt_state, hparam_opt_state), upper_values = jax.lax.scan(
             upper_body,
             (global_q, vs_params, state.global_opt_state, state.hparam_opt_state),
