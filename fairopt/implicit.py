@@ -21,12 +21,17 @@ Groups: under :func:`jax.vmap` over a leading group axis of ``theta_star`` / ``i
 groups). The official FACIMS code instead summed the Hessian-vector products of all groups into
 one shared vector, which is not the implicit function theorem; fairopt does not copy that.
 
-The Neumann series (Lorraine et al., AISTATS 2020, Alg. 3) is
+The Neumann series (Lorraine et al., AISTATS 2020, Alg. 3; AutoBalance appendix Alg. 2) is
 ``H^{-1} v ≈ alpha sum_{j=0}^{J} (I - alpha H)^j v``; it converges when
-``0 < alpha < 2 / lambda_max(H)`` and ``H`` is positive definite. Lorraine et al.'s Alg. 3 (and
-the AutoBalance code, which uses ``alpha = 1``) return the sum without the leading factor
-``alpha``; fairopt multiplies by ``alpha`` so the result approximates ``H^{-1} v`` for every
-``alpha`` (the two agree at ``alpha = 1``).
+``0 < alpha < 2 / lambda_max(H)`` and ``H`` is positive definite. Lorraine et al.'s Alg. 3 and
+AutoBalance's Alg. 2 (step ``eta``; its code uses ``eta = 1``) return the sum without the
+leading factor; fairopt multiplies by ``alpha`` so the result approximates ``H^{-1} v`` for
+every ``alpha`` (identical at ``alpha = 1``; an implementation without the factor returns
+``1 / alpha`` times fairopt's vector, which matters for ``alpha != 1``).
+
+Sign: AutoBalance's §2 text writes ``d theta/d alpha = +H^{-1} d^2 L_train / d theta d alpha``
+(the minus sign of the implicit function theorem is missing there); its Alg. 2 has the minus
+(``v_2 = -p d^2 L_train / d theta d alpha``), as does fairopt.
 """
 
 from __future__ import annotations
@@ -155,7 +160,8 @@ def exact_inverse_hvp(hvp_fn: Callable[[PyTree], PyTree], v: PyTree, *, damping=
 
     ``O(n^2)`` memory and ``O(n^3)`` time in the number of parameters ``n``: for tests and tiny
     problems. ``H`` is built column by column (``vmap`` of ``hvp_fn`` over the unit vectors,
-    flattened with ``jax.flatten_util.ravel_pytree``).
+    flattened with ``jax.flatten_util.ravel_pytree``) and symmetrised, ``(H + H^T) / 2``, to
+    remove float round-off asymmetry.
 
     Args:
       hvp_fn: ``t -> H t``.
