@@ -265,7 +265,8 @@ def implicit_hypergradient(
 
     Raises:
       ValueError / TypeError: unknown ``inverse``, ``outer_args`` not a tuple, concrete
-        ``alpha <= 0``, ``num_terms < 0``, ``cg_iters < 1``, ``damping < 0``.
+        ``damping < 0``; for ``"neumann"`` concrete ``alpha <= 0`` or ``num_terms < 0``; for
+        ``"cg"`` ``cg_iters < 1``. Settings of the methods not chosen are ignored.
     """
     if inverse not in INVERSES:
         raise ValueError(f"inverse must be one of {', '.join(map(repr, INVERSES))}, got {inverse!r}")
@@ -274,9 +275,12 @@ def implicit_hypergradient(
             f"outer_args must be a tuple of extra arguments of outer_loss, got {type(outer_args).__name__}; "
             "wrap a single argument as (arg,)."
         )
-    _check_positive(alpha, "alpha")
-    _check_int(num_terms, "num_terms", 0)
-    _check_int(cg_iters, "cg_iters", 1)
+    # Only the settings of the chosen inverse are validated (e.g. cg_iters=0 is fine for Neumann).
+    if inverse == "neumann":
+        _check_positive(alpha, "alpha")
+        _check_int(num_terms, "num_terms", 0)
+    if inverse == "cg":
+        _check_int(cg_iters, "cg_iters", 1)
     _check_nonnegative(damping, "damping")
 
     outer_grad_theta, outer_grad_hparams, outer_grad_args = jax.grad(

@@ -407,6 +407,8 @@ def test_bad_arguments_raise():
         ridge_hypergradient(*data, inverse="cg", cg_iters=0)
     with pytest.raises(ValueError, match="damping must be >= 0"):
         ridge_hypergradient(*data, damping=-1e-3)
+    # settings of an inverse that is not used are not validated (FACIMS passes cg_iters=num_terms)
+    jax.eval_shape(lambda *d: ridge_hypergradient(*d, inverse="neumann", num_terms=0, cg_iters=0), *data)
     with pytest.raises(TypeError, match="outer_args must be a tuple"):
         implicit.implicit_hypergradient(lambda t, h: jnp.sum(t**2), lambda t, h, v: jnp.sum(t), jnp.ones(2), 1.0, [1.0])
     _, _, hvp_fn = spd_problem()
