@@ -182,11 +182,13 @@ def _paper_alg2_reference(apply_fn, params, batches, *, eta, lr, inner_steps):
         e_hat = jnp.sum(jnp.where(batch.mask, ce, 0.0)) / jnp.sum(batch.mask)
         return e_hat + (lam + eta) * mu(p, batch, 0) - (lam - eta) * mu(p, batch, 1)
 
+    grad_fn = jax.jit(jax.grad(objective))
+    gap_fn = jax.jit(lambda p, batch: mu(p, batch, 0) - mu(p, batch, 1))
     for batch in batches:
         for _ in range(inner_steps):
-            grads = jax.grad(objective)(params, batch, lam)
+            grads = grad_fn(params, batch, lam)
             params = jax.tree_util.tree_map(lambda w, g: w - lr * g, params, grads)
-        lam = lam + eta * float(mu(params, batch, 0) - mu(params, batch, 1))
+        lam = lam + eta * float(gap_fn(params, batch))
     return params, lam
 
 
