@@ -50,6 +50,7 @@ PAPER_CREDIT = {
 }
 
 FLAGS = flags.FLAGS
+DEFAULTS = FacimsConfig()  # flag defaults are the solver defaults (one place)
 flags.DEFINE_enum("dataset", "credit", DATASETS, "Dataset to run on.")
 flags.DEFINE_list("methods", ["facims"], f"Methods, any of {', '.join(METHODS + BASELINES)}.")
 flags.DEFINE_list("seeds", [str(s) for s in common.PAPER_SEEDS], "Random seeds.")
@@ -59,23 +60,26 @@ flags.DEFINE_string("drug_path", None, "Path of drug_consumption.csv (default: $
 flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after resampling (0: no resampling).", lower_bound=0)
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 50, "Rows per group per step.", lower_bound=1)
-flags.DEFINE_float("alpha_low", 0.7, "Weight of D(Z^a||Z) in the lower level.", lower_bound=0.0)
-flags.DEFINE_float("alpha_up", 0.7, "Weight of D(Z^a*||Z) in the upper level.", lower_bound=0.0)
-flags.DEFINE_float("sharpness", 0.05, "SAM radius beta (FACIMS only).", lower_bound=0.0)
+flags.DEFINE_float("alpha_low", DEFAULTS.alpha_low, "Weight of D(Z^a||Z) in the lower level.", lower_bound=0.0)
+flags.DEFINE_float("alpha_up", DEFAULTS.alpha_up, "Weight of D(Z^a*||Z) in the upper level.", lower_bound=0.0)
+flags.DEFINE_float("sharpness", DEFAULTS.sharpness, "SAM radius beta (FACIMS only).", lower_bound=0.0)
 flags.DEFINE_enum("sharpness_scaling", "uniform", ("uniform", "frequency"), "Per-group SAM radius.")
-flags.DEFINE_integer("middle_steps", 10, "Middle-level steps per round.", lower_bound=1)
-flags.DEFINE_integer("upper_steps", 5, "Upper-level steps per round.", lower_bound=0)
-flags.DEFINE_integer("num_mc", 5, "Monte-Carlo draws per loss.", lower_bound=1)
-flags.DEFINE_float("local_lr", 0.4, "Adagrad step of the local posteriors.", lower_bound=0.0)
-flags.DEFINE_float("global_lr", 0.01, "Adagrad step of the global posterior.", lower_bound=0.0)
-flags.DEFINE_float("global_decay", 0.9, "Per-round decay of the global step.", lower_bound=0.0)
-flags.DEFINE_float("hparam_lr", 1e-3, "SGD step of the VS hyperparameters.", lower_bound=0.0)
-flags.DEFINE_enum("divergence", "kl", DIVERGENCES, "Divergence between posteriors.")
-flags.DEFINE_enum("inverse", "cg", INVERSES, "Inverse-Hessian-vector product of the hypergradient.")
-flags.DEFINE_float("neumann_alpha", 0.1, "Neumann series step.", lower_bound=0.0)
-flags.DEFINE_integer("inverse_terms", 10, "Neumann terms / CG iterations.", lower_bound=0)
-flags.DEFINE_float("init_std", 0.08, "Initial posterior standard deviation.", lower_bound=0.0)
-flags.DEFINE_enum("validation_loss", "vs_bar", VALIDATION_LOSSES, "Upper-level balanced loss L_bal.")
+flags.DEFINE_integer("middle_steps", DEFAULTS.middle_steps, "Middle-level steps per round.", lower_bound=1)
+flags.DEFINE_integer("upper_steps", DEFAULTS.upper_steps, "Upper-level steps per round.", lower_bound=0)
+flags.DEFINE_integer("num_mc", DEFAULTS.num_mc, "Monte-Carlo draws per loss.", lower_bound=1)
+flags.DEFINE_integer(
+    "hypergradient_samples", DEFAULTS.hypergradient_samples, "Monte-Carlo draws inside the hypergradient's Hessian.", lower_bound=1
+)
+flags.DEFINE_float("local_lr", DEFAULTS.local_learning_rate, "Adagrad step of the local posteriors.", lower_bound=0.0)
+flags.DEFINE_float("global_lr", DEFAULTS.global_learning_rate, "Adagrad step of the global posterior.", lower_bound=0.0)
+flags.DEFINE_float("global_decay", DEFAULTS.global_decay, "Per-round decay of the global step.", lower_bound=0.0)
+flags.DEFINE_float("hparam_lr", DEFAULTS.hparam_learning_rate, "SGD step of the VS hyperparameters.", lower_bound=0.0)
+flags.DEFINE_enum("divergence", DEFAULTS.divergence, DIVERGENCES, "Divergence between posteriors.")
+flags.DEFINE_enum("inverse", DEFAULTS.inverse, INVERSES, "Inverse-Hessian-vector product of the hypergradient.")
+flags.DEFINE_float("neumann_alpha", DEFAULTS.neumann_alpha, "Neumann series step.", lower_bound=0.0)
+flags.DEFINE_integer("inverse_terms", DEFAULTS.inverse_terms, "Neumann terms / CG iterations.", lower_bound=0)
+flags.DEFINE_float("init_std", DEFAULTS.init_std, "Initial posterior standard deviation.", lower_bound=0.0)
+flags.DEFINE_enum("validation_loss", DEFAULTS.validation_loss, VALIDATION_LOSSES, "Upper-level balanced loss L_bal.")
 flags.DEFINE_bool("hparams_per_group", False, "VS hyperparameters per (class, group).")
 flags.DEFINE_integer("groups_per_step", None, "Partial-group setting: groups sampled per step.", lower_bound=1)
 flags.DEFINE_float("baseline_lr", 1e-3, "Adam step of the ERM/BERM baselines.", lower_bound=0.0)
@@ -122,6 +126,7 @@ def facims_config(method: str) -> FacimsConfig:
         middle_steps=FLAGS.middle_steps,
         upper_steps=FLAGS.upper_steps,
         num_mc=FLAGS.num_mc,
+        hypergradient_samples=FLAGS.hypergradient_samples,
         local_learning_rate=FLAGS.local_lr,
         global_learning_rate=FLAGS.global_lr,
         global_decay=FLAGS.global_decay,
@@ -184,6 +189,7 @@ def run_baseline(method, splits, original_train, seed, progress):
 
 def main(argv):
     del argv
+    common.enable_compilation_cache()
     seeds = common.parse_seeds(FLAGS.seeds)
     unknown = [m for m in FLAGS.methods if m not in METHODS + BASELINES]
     if unknown:

@@ -83,6 +83,9 @@ class FacimsConfig:
         (beta^a = beta * sqrt(mean_n / n_a), larger radius for smaller groups, mean-normalised).
       middle_steps: middle-level steps per round. upper_steps: upper-level steps per round.
       num_mc: Monte-Carlo weight draws per loss evaluation.
+      hypergradient_samples: how many of the last middle step's ``num_mc`` draws define the
+        inner objective whose Hessian the hypergradient inverts (the Hessian-vector products are
+        most of a round's cost, linear in this number; 1 by default, a stochastic estimate).
       local_learning_rate: Adagrad step of the local posteriors.
       global_learning_rate: Adagrad step of the global posterior, times ``global_decay`` per round.
       hparam_learning_rate, hparam_momentum: SGD on ``v``.
@@ -105,6 +108,7 @@ class FacimsConfig:
     middle_steps: int = 10
     upper_steps: int = 5
     num_mc: int = 5
+    hypergradient_samples: int = 1
     local_learning_rate: float = 0.4
     global_learning_rate: float = 0.01
     global_decay: float = 0.9
@@ -113,7 +117,7 @@ class FacimsConfig:
     divergence: str = "kl"
     inverse: str = "cg"
     neumann_alpha: float = 0.1
-    inverse_terms: int = 10
+    inverse_terms: int = 5
     init_std: float = 0.08
     tau: float = 1.0
     validation_loss: str = "vs_bar"
@@ -137,12 +141,17 @@ class FacimsConfig:
         for name in ("local_learning_rate", "global_learning_rate", "global_decay", "init_std", "neumann_alpha"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FacimsConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("middle_steps", "num_mc", "num_eval_samples"):
+        for name in ("middle_steps", "num_mc", "num_eval_samples", "hypergradient_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FacimsConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("upper_steps", "inverse_terms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FacimsConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.hypergradient_samples > self.num_mc:
+            raise ValueError(
+                f"FacimsConfig.hypergradient_samples={self.hypergradient_samples} exceeds num_mc={self.num_mc}; "
+                "lower it or raise num_mc"
+            )
         if self.groups_per_step is not None and self.groups_per_step < 1:
             raise ValueError(f"FacimsConfig.groups_per_step must be None or >= 1, got {self.groups_per_step}")
 
@@ -454,11 +463,12 @@ def facims(
         # at the same draw as the last inner step (placeholders of the right shape to start).
         first_batch = sample_group_batch(first_key, train, batch_size)
         first_noise = noise_for(first_key, one_global, num_groups)
-        (local_q, local_opt_state, (last_batch, last_noise)), middle_losses = jax.lax.scan(
+        (local_q, local_opt_state, (last_batch, middle_noise)), middle_losses = jax.lax.scan(
             middle_body,
             (state.local_posteriors, state.local_opt_state, (first_batch, first_noise)),
             (middle_keys[:, 0], middle_keys[:, 1]),
         )
+        last_noise = jax.tree_util.tree_map(lambda leaf: leaf[:, : config.hypergradient_samples], middle_noise)
 
         def upper_body(carry, step_keys):
             global_q, vs_params, global_opt_state, hparam_opt_state = carry
