@@ -276,6 +276,21 @@ def _lr_schedule(base: float, config: AutoBalanceConfig, total_steps: int):
     return optax.piecewise_constant_schedule(base, boundaries)
 
 
+def make_lower_optimizer(config: AutoBalanceConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The lower-level optimiser: SGD with momentum and weight decay, step decays at
+    ``lr_decay_fractions`` of ``config.epochs`` (official: 0.1 at epochs 220 and 260 of 300).
+
+    Exposed so that fixed-loss baselines can be trained with exactly the same optimiser.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    schedule = _lr_schedule(config.lower_learning_rate, config, config.epochs * steps_per_epoch)
+    return optax.chain(
+        optax.add_decayed_weights(config.lower_weight_decay),
+        optax.sgd(schedule, momentum=config.lower_momentum or None),
+    )
+
+
 class AutoBalanceSolver(NamedTuple):
     """A :class:`fairopt.train.Solver` with the extra pure functions of the bilevel method.
 
@@ -388,11 +403,19 @@ def autobalance(
 
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = config.warmup_epochs * steps_per_epoch
-    lower_optimizer = optax.chain(
-        optax.add_decayed_weights(config.lower_weight_decay),
-        optax.sgd(_lr_schedule(config.lower_learning_rate, config, total_steps), momentum=config.lower_momentum or None),
+    lower_optimizer = make_lower_optimizer(config, steps_per_epoch)
+    # The upper optimiser counts its own updates (one per iter_interval lower steps after the
+    # warm-up); its decays happen at the same epochs as the lower level's.
+    upper_boundaries = {
+        max(1, math.ceil((round(f * total_steps) - warmup_steps) / config.iter_interval)): config.lr_decay_factor
+        for f in config.lr_decay_fractions
+        if warmup_steps < round(f * total_steps) < total_steps
+    }
+    upper_lr = (
+        optax.piecewise_constant_schedule(config.upper_learning_rate, upper_boundaries)
+        if upper_boundaries
+        else config.upper_learning_rate
     )
-    upper_lr = _lr_schedule(config.upper_learning_rate, config, total_steps)
     if config.upper_optimizer == "sgd":
         upper_base = optax.sgd(upper_lr, momentum=config.upper_momentum or None)
     else:
@@ -658,6 +681,7 @@ def search_and_retrain(
     retrain_data=None,
     retrain: bool = True,
     progress: Progress | None = None,
+    cache: dict | None = None,
 ) -> AutoBalanceResult:
     """Algorithm 1 end to end: search ``alpha`` on (train, val), then retrain on train ∪ val.
 
@@ -673,6 +697,9 @@ def search_and_retrain(
       retrain_data: data of the retrain phase (default: ``search_train ∪ search_val``).
       retrain: False to skip the retrain phase (then ``state`` is the search state).
       progress: optional printer, advanced once per epoch of either phase.
+      cache: optional dict in which the solvers and compiled epochs are kept, keyed by
+        ``(apply_fn, config, counts, shapes)``: runs with equal keys (e.g. other seeds of the same
+        protocol) reuse the compiled functions instead of compiling again.
 
     Returns:
       :class:`AutoBalanceResult`.
@@ -694,18 +721,27 @@ def search_and_retrain(
     np.add.at(cell_counts, (train_y, train_g), 1)
     steps = max(1, math.ceil(train_x.shape[0] / config.batch_size))
     search_key, retrain_key, init_key_1, init_key_2, epoch_key = jax.random.split(key, 5)
-    solver = autobalance(
-        apply_fn,
-        config,
-        class_counts=class_counts,
-        cell_counts=cell_counts,
-        num_features=train_x.shape[1],
-        steps_per_epoch=steps,
-        search=True,
-    )
+    cache = {} if cache is None else cache
+    counts_key = (class_counts.tobytes(), cell_counts.tobytes(), cell_counts.shape)
+
+    def build_search():
+        solver = autobalance(
+            apply_fn,
+            config,
+            class_counts=class_counts,
+            cell_counts=cell_counts,
+            num_features=train_x.shape[1],
+            steps_per_epoch=steps,
+            search=True,
+        )
+        return solver, make_search_epoch_fn(solver.step, num_rows=train_x.shape[0], batch_size=config.batch_size)
+
+    search_cache_key = ("search", apply_fn, config, counts_key, train_x.shape, val_x.shape)
+    if search_cache_key not in cache:
+        cache[search_cache_key] = build_search()
+    solver, epoch_fn = cache[search_cache_key]
     state = solver.init(search_key, init_params(init_key_1))
     data = HyperData(*(jnp.asarray(a) for a in (train_x, train_y, train_g, val_x, val_y, val_g)))
-    epoch_fn = make_search_epoch_fn(solver.step, num_rows=train_x.shape[0], batch_size=config.batch_size)
     trajectory = [dict(epoch=0, **hparam_snapshot(solver, state.hparams))]
     history = []
     for epoch in range(1, config.epochs + 1):
@@ -726,7 +762,14 @@ def search_and_retrain(
         full = (np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), np.concatenate([train_g, val_g]))
     else:
         full = _arrays(retrain_data, "retrain_data")
-    retrainer = retrain_solver(apply_fn, solver, num_rows=full[0].shape[0])
+    retrain_cache_key = ("retrain", apply_fn, config, counts_key, full[0].shape)
+    if retrain_cache_key not in cache:
+        retrainer = retrain_solver(apply_fn, solver, num_rows=full[0].shape[0])
+        cache[retrain_cache_key] = (
+            retrainer,
+            make_epoch_fn(retrainer.step, num_rows=full[0].shape[0], batch_size=config.batch_size),
+        )
+    retrainer, retrain_epoch_fn = cache[retrain_cache_key]
     retrain_state = retrainer.init(retrain_key, init_params(init_key_2), hparams=search_state.hparams)
     retrain_state, retrain_history = fit(
         retrainer,
@@ -735,7 +778,7 @@ def search_and_retrain(
         epochs=config.epochs,
         batch_size=config.batch_size,
         key=jax.random.fold_in(epoch_key, config.epochs + 1),
-        epoch_fn=make_epoch_fn(retrainer.step, num_rows=full[0].shape[0], batch_size=config.batch_size),
+        epoch_fn=retrain_epoch_fn,
         on_epoch_end=(lambda e, s, m: progress.advance(m)) if progress is not None else None,
     )
     return AutoBalanceResult(

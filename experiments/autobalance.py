@@ -1,0 +1,545 @@
+r"""AutoBalance (Li et al., NeurIPS 2021) and its baselines: the paper's Tables 1 and 3 on tabular data.
+
+One AutoBalance configuration on one dataset (search on an 80/20 (class imbalance) or 50/50
+(groups) split of the training data, then retrain on all of it, SPEC §6):
+
+    python -m experiments.autobalance --dataset=synthetic_lt --search_space=shift_scale --init=ones
+    python -m experiments.autobalance --dataset=waterbirds_like --val_objective=blend --lambda_val=0.1
+    python -m experiments.autobalance --dataset=digits_lt --methods=ce,la,autobalance --seeds=0,1,2
+
+The paper's tables (every row, every dataset of the suite, 3 seeds):
+
+    python -m experiments.autobalance --suite=longtail     # Table 1: digits_lt, synthetic_lt
+    python -m experiments.autobalance --suite=groups       # Table 3: waterbirds_like, celeba_blond
+
+Prints progress with an ETA and a Markdown table of mean ± std over seeds, and writes
+``<output_dir>/autobalance_<name>.{json,csv,md}`` (+ ``_summary.csv``) and the per-epoch
+hyperparameter trajectories ``<output_dir>/autobalance_<name>_trajectory.csv`` (one row per
+(method, seed, epoch, class, group): the learnt ``w``, ``l``, ``Delta`` and augmentation radius,
+for a Fig. 3-style plot), refusing to overwrite without ``--overwrite``. :func:`run_suite` is
+the entry point for a future ``experiments/reproduce.py``.
+
+Metrics: class imbalance — balanced error ``1 - mean_k recall_k`` on a class-balanced test set;
+groups — group-balanced error (mean over (class, group) cells), worst (class, group) error and
+the symmetric DEO of eq. (4.1) evaluated on the 0-1 error, ``sum_k |err_{k,0} - err_{k,1}|``
+(the paper's "DEO"), all on the test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+from absl import app, flags
+
+from experiments import common
+from fairopt import data, hparams, losses, metrics, models
+from fairopt.solvers import autobalance as ab
+from fairopt.solvers.erm import erm
+from fairopt.train import Batch, Progress, Solver, fit, make_epoch_fn, masked_mean, predict_in_batches
+
+DATASETS = ("digits_lt", "synthetic_lt", "waterbirds_like", "celeba_blond")
+GROUP_DATASETS = ("waterbirds_like", "celeba_blond")
+FIXED_LOSSES = ("ce", "weighted_ce", "ldam_drw", "la", "cdt", "vs", "group_balanced_ce", "group_la")
+OBJECTIVE_BASELINES = ("deo", "blend_objective", "group_dro")
+METHODS = FIXED_LOSSES + OBJECTIVE_BASELINES + ("autobalance",)
+SUITES = ("none", "longtail", "groups")
+PER_GROUP = ("auto", "true", "false")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("suite", "none", SUITES, "Run a paper table (longtail: Table 1, groups: Table 3) instead of --methods.")
+flags.DEFINE_enum("dataset", "synthetic_lt", DATASETS, "Dataset (ignored by --suite).")
+flags.DEFINE_list("methods", ["autobalance"], f"Methods (ignored by --suite), any of {', '.join(METHODS)}.")
+flags.DEFINE_enum("search_space", "shift_scale", hparams.SEARCH_SPACES, "AutoBalance search space (la_tau, l, Delta, l & Delta, w).")
+flags.DEFINE_enum("init", "ones", hparams.INITS, "AutoBalance init of the loss hyperparameters.")
+flags.DEFINE_enum("val_objective", None, losses.VALIDATION_OBJECTIVES, "Upper-level objective (default: balanced_ce for class imbalance, blend for groups).")
+flags.DEFINE_float("lambda_val", 0.1, "Weight of CE_deo in the blend objective (1 - l) CE + l CE_deo.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("cluster_size", 1, "Classes per frequency cluster (AutoBalance §2.2).", lower_bound=1)
+flags.DEFINE_enum("per_group", "auto", PER_GROUP, "(class, group) hyperparameters of eq. 4.2 (auto: on group datasets).")
+flags.DEFINE_bool("augment", False, "Learn per-class spherical augmentation radii (Lemma 2).")
+flags.DEFINE_integer("epochs", None, "Epochs of each phase (default: per dataset, see DEFAULTS).", lower_bound=1)
+flags.DEFINE_float("warmup_fraction", 0.4, "Fraction of the search epochs before the first upper step (official 120/300).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("iter_interval", 5, "Lower steps between upper steps.", lower_bound=1)
+flags.DEFINE_integer("train_batches", 2, "Train batches averaged in d_train.", lower_bound=1)
+flags.DEFINE_integer("val_batches", 4, "Validation batches of the upper gradient.", lower_bound=1)
+flags.DEFINE_integer("batch_size", None, "Rows per lower step (default: per dataset, see DEFAULTS).", lower_bound=1)
+flags.DEFINE_float("lower_lr", 0.05, "Lower-level SGD step (momentum 0.9).", lower_bound=0.0)
+flags.DEFINE_float("weight_decay", 5e-4, "Lower-level weight decay.", lower_bound=0.0)
+flags.DEFINE_float("upper_lr", 0.02, "Upper-level step.", lower_bound=0.0)
+flags.DEFINE_enum("upper_optimizer", "adam", ab.UPPER_OPTIMIZERS, "Upper-level optimiser.")
+flags.DEFINE_float("neumann_alpha", 0.1, "Neumann series step.", lower_bound=0.0)
+flags.DEFINE_integer("inverse_terms", 5, "Neumann terms J.", lower_bound=0)
+flags.DEFINE_list("hidden", ["128", "64"], "Hidden widths of the MLP (empty: linear model).")
+flags.DEFINE_float("imbalance_factor", None, "rho = n_max / n_min (default: digits_lt 10, synthetic_lt 100).", lower_bound=1.0)
+flags.DEFINE_integer("celeba_rows", 20000, "Rows of CelebA used for training (+ half as many for test).", lower_bound=100)
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Random seeds.")
+flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
+flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
+
+# Per-dataset defaults chosen for a ~25 minute budget of both suites on a shared 2-core CPU.
+DEFAULTS = {
+    "digits_lt": dict(epochs=60, batch_size=64, imbalance_factor=10.0),
+    "synthetic_lt": dict(epochs=30, batch_size=128, imbalance_factor=100.0),
+    "waterbirds_like": dict(epochs=30, batch_size=128),
+    "celeba_blond": dict(epochs=12, batch_size=256),
+}
+
+
+class Prepared(NamedTuple):
+    """The data of one (dataset, seed): AutoBalance's search split and the full training data."""
+
+    search_train: data.Dataset
+    search_val: data.Dataset
+    train: data.Dataset  # search_train ∪ search_val: baselines and the retrain phase
+    test: data.Dataset
+
+
+def _concat(first: data.Dataset, second: data.Dataset) -> data.Dataset:
+    return first.replace(
+        features=np.concatenate([first.features, second.features]),
+        labels=np.concatenate([first.labels, second.labels]),
+        groups=np.concatenate([first.groups, second.groups]),
+    )
+
+
+def _synthetic_lt(seed: int, imbalance_factor: float) -> data.Splits:
+    """10 Gaussian classes in 20 dimensions: a balanced test split (200 per class) and an
+    exponentially long-tailed train+val part (head 1,500 rows, tail 1,500 / rho), split 80/20."""
+    per_class_pool, test_per_class, num_classes = 1700, 200, 10
+    pool = data.synthetic_subgroups(
+        per_class_pool * num_classes, num_features=20, class_proportions=[1 / num_classes] * num_classes,
+        group_proportions=(1.0,), class_separation=3.0, group_heterogeneity=0.0, group_offset=0.0, seed=seed,
+    )  # fmt: skip
+    rng = np.random.default_rng(seed + 10_000)
+    test_rows = np.concatenate(
+        [rng.choice(np.flatnonzero(pool.labels == k), test_per_class, replace=False) for k in range(num_classes)]
+    )
+    rest = np.setdiff1d(np.arange(len(pool)), test_rows)
+    tail = data.long_tailed(pool.subset(rest), imbalance_factor, seed, order="index")
+    parts = data.split(tail, (0.8, 0.2, 0.0), seed=seed, stratify="label")
+    return data.Splits(parts.train, parts.val, pool.subset(np.sort(test_rows)).replace(name="synthetic_lt"))
+
+
+@functools.lru_cache(maxsize=1)
+def _celeba_full() -> data.Dataset:
+    return data.celeba_attributes(target="Blond_Hair", group="Male")
+
+
+def prepare(name: str, seed: int, *, imbalance_factor: float | None = None, celeba_rows: int = 20000) -> Prepared:
+    """Load, split and standardise (statistics of the search-train split) one dataset."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+    rho = imbalance_factor or DEFAULTS[name].get("imbalance_factor")
+    if name == "digits_lt":
+        splits = data.digits_lt(rho, seed=seed)
+        search_train, search_val, test = splits
+    elif name == "synthetic_lt":
+        search_train, search_val, test = _synthetic_lt(seed, rho)
+    else:
+        if name == "waterbirds_like":
+            original = data.waterbirds_like(seed=seed)
+            train, test = _concat(original.train, original.val), original.test
+        else:
+            full = _celeba_full()
+            fraction = celeba_rows / len(full)
+            parts = data.split(full, (fraction, fraction / 2, 1 - 1.5 * fraction), seed=seed)
+            train, test = parts.train, parts.val
+        # AutoBalance §4: the search splits the training data 50 / 50.
+        halves = data.split(train, (0.5, 0.5, 0.0), seed=seed, stratify="label_group")
+        search_train, search_val = halves.train, halves.val
+    standardized = data.standardize(data.Splits(search_train, search_val, test))
+    statistics = data.feature_statistics(search_train)
+    train = data.apply_standardization(_concat(search_train, search_val), statistics)
+    return Prepared(standardized.train, standardized.val, train, standardized.test)
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods.
+# ------------------------------------------------------------------------------------------------
+
+
+class Row(NamedTuple):
+    """One table row: a display name, a method and (for AutoBalance) config overrides."""
+
+    name: str
+    method: str
+    overrides: dict
+
+
+LONGTAIL_ROWS = (
+    Row("CE", "ce", {}),
+    Row("LDAM-DRW", "ldam_drw", {}),
+    Row("LA (tau=1)", "la", {}),
+    Row("CDT", "cdt", {}),
+    Row("AutoBalance: l", "autobalance", dict(search_space="shift", init="ones")),
+    Row("AutoBalance: Delta", "autobalance", dict(search_space="scale", init="ones")),
+    Row("AutoBalance: l & Delta", "autobalance", dict(search_space="shift_scale", init="ones")),
+    Row("AutoBalance: l & Delta, LA init", "autobalance", dict(search_space="shift_scale", init="la")),
+)
+GROUP_ROWS = (
+    Row("CE", "ce", {}),
+    Row("CE_bal^G", "group_balanced_ce", {}),
+    Row("Group-LA", "group_la", {}),
+    Row("CE_deo", "deo", {}),
+    Row("0.9 CE + 0.1 CE_deo", "blend_objective", {}),
+    Row("Group DRO", "group_dro", {}),
+    Row("AutoBalance: lambda_val=0.1", "autobalance", dict(val_objective="blend", lambda_val=0.1, per_group=True)),
+)
+SUITE_DATASETS = {"longtail": ("digits_lt", "synthetic_lt"), "groups": ("waterbirds_like", "celeba_blond")}
+SUITE_ROWS = {"longtail": LONGTAIL_ROWS, "groups": GROUP_ROWS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that is not a method: the per-run training protocol (from the flags)."""
+
+    epochs: int
+    warmup_fraction: float = 0.4
+    iter_interval: int = 5
+    train_batches: int = 2
+    val_batches: int = 4
+    batch_size: int = 128
+    lower_lr: float = 0.05
+    weight_decay: float = 5e-4
+    upper_lr: float = 0.02
+    upper_optimizer: str = "adam"
+    neumann_alpha: float = 0.1
+    inverse_terms: int = 5
+    search_space: str = "shift_scale"
+    init: str = "ones"
+    val_objective: str | None = None
+    lambda_val: float = 0.1
+    cluster_size: int = 1
+    per_group: str = "auto"
+    augment: bool = False
+    hidden: tuple[int, ...] = (128, 64)
+
+
+def autobalance_config(settings: Settings, dataset: str, overrides: dict) -> ab.AutoBalanceConfig:
+    """The :class:`AutoBalanceConfig` of a run: flags, then the row's overrides."""
+    grouped = dataset in GROUP_DATASETS
+    per_group = {"auto": grouped, "true": True, "false": False}[settings.per_group]
+    objective = settings.val_objective or ("blend" if grouped else "balanced_ce")
+    config = dict(
+        search_space=settings.search_space, init=settings.init, val_objective=objective,
+        lambda_val=settings.lambda_val, cluster_size=settings.cluster_size, per_group=per_group,
+        augment=settings.augment, epochs=settings.epochs,
+        warmup_epochs=int(round(settings.warmup_fraction * settings.epochs)),
+        iter_interval=settings.iter_interval, train_batches=settings.train_batches,
+        val_batches=settings.val_batches, batch_size=settings.batch_size,
+        lower_learning_rate=settings.lower_lr, lower_weight_decay=settings.weight_decay,
+        upper_learning_rate=settings.upper_lr, upper_optimizer=settings.upper_optimizer,
+        neumann_alpha=settings.neumann_alpha, inverse_terms=settings.inverse_terms,
+    )  # fmt: skip
+    config.update(overrides)
+    return ab.AutoBalanceConfig(**config)
+
+
+class ObjectiveState(NamedTuple):
+    params: Any
+    opt_state: Any
+    dro: Any  # losses.GroupDROState or None
+    step: jax.Array
+
+
+def objective_solver(apply_fn, objective: Callable, optimizer, *, dro: losses.GroupDRO | None = None,
+                     num_groups: int = 1) -> Solver:
+    """ERM on a *batch-level* objective (CE_deo, the CE/CE_deo blend) or online group DRO.
+
+    ``objective(per_example_ce, labels, groups, mask) -> scalar``; with ``dro`` the batch loss is
+    Sagawa et al.'s ``q · L_cells`` over the (class, group) cells ``y * G + a`` instead.
+    (:func:`fairopt.solvers.erm.erm` reduces a per-example loss with a plain mean, which these
+    objectives are not.)
+    """
+
+    def init(key, params):
+        del key
+        return ObjectiveState(params, optimizer.init(params), dro.init() if dro is not None else None,
+                              jnp.zeros((), jnp.int32))
+
+    def step(state: ObjectiveState, batch: Batch):
+        def loss_fn(params):
+            per_example = losses.cross_entropy(apply_fn(params, batch.x), batch.y)
+            if dro is None:
+                return objective(per_example, batch.y, batch.groups, batch.mask), state.dro
+            cells = batch.y * num_groups + batch.groups
+            return dro.update_and_loss(state.dro, per_example, cells, batch.mask)
+
+        (loss, dro_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return ObjectiveState(optax.apply_updates(state.params, updates), opt_state, dro_state, state.step + 1), {"loss": loss}
+
+    def predict(state, x):
+        return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
+
+    return Solver(init, step, predict)
+
+
+def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoBalanceConfig, steps: int) -> Solver:
+    """The fixed-loss / objective baselines, trained with AutoBalance's lower-level optimiser."""
+    optimizer = ab.make_lower_optimizer(config, steps)
+    counts = np.maximum(train.class_counts, 1)
+    cells = train.cell_counts
+    if method in FIXED_LOSSES:
+        options = {}
+        if method == "ldam_drw":
+            # DRW from 80 % of the epochs (Cao et al.: 160 of 200). LDAM's logit scale s = 30
+            # presumes a cosine (normalised) classifier; on the unnormalised logits of the MLP it
+            # diverges at the first epoch, so s = 1 (margins in logit units, the largest 0.5).
+            options = {"drw_start_epoch": int(0.8 * config.epochs), "scale": 1.0}
+        loss_fn = losses.make_loss(method, counts, cell_counts=cells, **options)
+        return erm(apply_fn, loss_fn, optimizer, steps_per_epoch=steps)
+    num_classes, num_groups = train.num_classes, train.num_groups
+    if method == "group_dro":
+        dro = losses.group_dro(num_classes * num_groups, step_size=0.01)
+        return objective_solver(apply_fn, None, optimizer, dro=dro, num_groups=num_groups)
+    name, lam = ("deo", None) if method == "deo" else ("blend", 0.1)
+    objective = losses.make_validation_objective(name, num_classes=num_classes, num_groups=num_groups, lambda_val=lam)
+    return objective_solver(apply_fn, objective, optimizer)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation.
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate(probs: np.ndarray, dataset: data.Dataset) -> dict[str, float]:
+    """Test metrics (percent errors, as in the paper's tables) of predicted probabilities."""
+    num_classes, num_groups = dataset.num_classes, dataset.num_groups
+    recall = np.asarray(metrics.per_class_recall(probs, dataset.labels, num_classes=num_classes))
+    out = {
+        "balanced_error": 100 * (1 - float(metrics.balanced_accuracy(probs, dataset.labels, num_classes=num_classes))),
+        "error": 100 * (1 - float(metrics.accuracy(probs, dataset.labels, num_classes=num_classes))),
+    }
+    out.update({f"recall_{k}": float(r) for k, r in enumerate(recall)})
+    if num_groups >= 2:
+        errors, counts = metrics.cell_error(probs, dataset.labels, dataset.groups, num_classes=num_classes, num_groups=num_groups)
+        errors, counts = np.asarray(errors), np.asarray(counts)
+        present = counts > 0
+        comparable = present.all(axis=1)
+        out["group_balanced_error"] = 100 * float(errors[present].mean())
+        out["worst_group_error"] = 100 * float(errors[present].max())
+        # eq. (4.1) on the 0-1 error; for G > 2 the mean over groups of |err_kg - err_k|.
+        if num_groups == 2:
+            out["deo"] = 100 * float(np.abs(errors[comparable, 0] - errors[comparable, 1]).sum())
+        else:
+            pooled = (errors * counts).sum(1) / np.maximum(counts.sum(1), 1)
+            out["deo"] = 100 * float(np.where(present, np.abs(errors - pooled[:, None]), 0).sum(1).sum() / num_groups)
+        report = metrics.report(probs, dataset.labels, dataset.groups, num_classes=num_classes, num_groups=num_groups)
+        out["deo_gap_tpr"] = 100 * report["deo_gap"]
+        for k in range(num_classes):
+            for g in range(num_groups):
+                out[f"error_{k}_{g}"] = 100 * float(errors[k, g])
+    return out
+
+
+def _trajectory_rows(result: ab.AutoBalanceResult, method: str, seed: int, class_counts: np.ndarray) -> list[dict]:
+    rows = []
+    for snapshot in result.trajectory:
+        shift = np.asarray(snapshot["shift"])
+        for k in range(shift.shape[0]):
+            groups = range(shift.shape[1]) if shift.ndim == 2 else [None]
+            for g in groups:
+                pick = (lambda a: float(a[k, g])) if g is not None else (lambda a: float(a[k]))
+                rows.append(dict(
+                    method=method, seed=seed, epoch=snapshot["epoch"], cls=k, group=-1 if g is None else g,
+                    class_count=int(class_counts[k]), weight=pick(np.asarray(snapshot["weight"])), shift=pick(shift),
+                    delta=pick(np.asarray(snapshot["delta"])), radius=float(np.asarray(snapshot["radius"])[k]),
+                ))  # fmt: skip
+    return rows
+
+
+def frequency_order_correlation(snapshot: dict, class_counts: np.ndarray) -> dict[str, float]:
+    """Spearman correlation between the class counts and the learnt ``l`` / ``Delta`` per class
+    (averaged over groups): +1 means the parameter increases with the class frequency."""
+    out = {}
+    ranks = pd.Series(class_counts).rank().to_numpy()
+    for name in ("shift", "delta"):
+        values = np.asarray(snapshot[name])
+        if values.ndim == 2:
+            values = values.mean(axis=1)
+        if np.ptp(values) == 0:
+            out[f"{name}_frequency_spearman"] = float("nan")
+        else:
+            out[f"{name}_frequency_spearman"] = float(np.corrcoef(ranks, pd.Series(values).rank().to_numpy())[0, 1])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs.
+# ------------------------------------------------------------------------------------------------
+
+
+def run_dataset(dataset_name: str, rows, seeds, settings: Settings, *, imbalance_factor=None, celeba_rows=20000,
+                progress: Progress | None = None) -> tuple[list[dict], list[dict]]:
+    """Every row on one dataset for every seed; returns (metric rows, trajectory rows)."""
+    results, trajectories = [], []
+    cache: dict = {}
+    model_cache: dict = {}
+    for seed in seeds:
+        prepared = prepare(dataset_name, seed, imbalance_factor=imbalance_factor, celeba_rows=celeba_rows)
+        train, test = prepared.train, prepared.test
+        num_classes, num_features = train.num_classes, train.num_features
+        if "apply" not in model_cache:
+            name, options = ("mlp", dict(hidden=settings.hidden)) if settings.hidden else ("linear", {})
+            _, model_cache["apply"] = models.make_model(name, num_classes, num_features, jax.random.key(0), **options)
+            model_cache["init"] = lambda key: models.make_model(name, num_classes, num_features, key, **options)[0]
+        apply_fn, init_params = model_cache["apply"], model_cache["init"]
+        for row in rows:
+            config = autobalance_config(settings, dataset_name, row.overrides)
+            key = jax.random.key(seed)
+            start = time.perf_counter()
+            if row.method == "autobalance":
+                result = ab.search_and_retrain(
+                    apply_fn, init_params, config, prepared.search_train, prepared.search_val, key=key,
+                    num_classes=num_classes, num_groups=train.num_groups, retrain_data=train, cache=cache,
+                    progress=progress,
+                )  # fmt: skip
+                predict, state = result.retrain_solver.predict, result.state
+                extra = frequency_order_correlation(result.trajectory[-1], prepared.search_train.class_counts)
+                extra["final_val_objective"] = result.search_history[-1]["val_objective"]
+                trajectories += _trajectory_rows(result, row.name, seed, prepared.search_train.class_counts)
+            else:
+                steps = max(1, math.ceil(len(train) / config.batch_size))
+                cache_key = (row.method, train.class_counts.tobytes(), train.cell_counts.tobytes(), len(train))
+                if cache_key not in cache:
+                    solver = baseline_solver(row.method, apply_fn, train, config, steps)
+                    cache[cache_key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=config.batch_size))
+                solver, epoch_fn = cache[cache_key]
+                init_key, fit_key = jax.random.split(key)
+                state = solver.init(init_key, init_params(init_key))
+                state, _ = fit(
+                    solver, state, train.features, train.labels, train.groups, epochs=config.epochs,
+                    batch_size=config.batch_size, key=fit_key, epoch_fn=epoch_fn,
+                    on_epoch_end=(lambda e, s, m: progress.advance(m)) if progress is not None else None,
+                )  # fmt: skip
+                predict, extra = solver.predict, {}
+            seconds = time.perf_counter() - start
+            scores = evaluate(predict_in_batches(predict, state, test.features), test)
+            results.append(dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, **scores, **extra))
+            shown = {k: round(v, 2) for k, v in scores.items() if k in ("balanced_error", "worst_group_error", "deo", "group_balanced_error")}
+            print(f"[{dataset_name} {row.name} seed={seed}] {shown} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+    return results, trajectories
+
+
+def _phases(row: Row) -> int:
+    return 2 if row.method == "autobalance" else 1
+
+
+def run_suite(suite: str, seeds, settings_by_dataset: dict[str, Settings], **kwargs) -> dict[str, tuple]:
+    """Run a paper table (``"longtail"``: Table 1, ``"groups"``: Table 3) on its datasets.
+
+    Returns:
+      ``{dataset: (metric rows, trajectory rows)}``.
+    """
+    if suite not in SUITE_ROWS:
+        raise ValueError(f"suite must be one of {', '.join(SUITE_ROWS)}, got {suite!r}")
+    rows = SUITE_ROWS[suite]
+    out = {}
+    for dataset_name in SUITE_DATASETS[suite]:
+        settings = settings_by_dataset[dataset_name]
+        total = len(seeds) * sum(_phases(r) for r in rows) * settings.epochs
+        progress = Progress(f"autobalance:{dataset_name}", total, every=max(1, total // 20))
+        out[dataset_name] = run_dataset(dataset_name, rows, seeds, settings, progress=progress, **kwargs)
+    return out
+
+
+LONGTAIL_COLUMNS = ("balanced_error", "error", "shift_frequency_spearman", "delta_frequency_spearman", "seconds")
+GROUP_COLUMNS = ("group_balanced_error", "worst_group_error", "deo", "error", "deo_gap_tpr", "seconds")
+
+
+def write(dataset_name: str, results: list[dict], trajectories: list[dict], seeds, *, config: dict, overwrite: bool,
+          output_dir: str) -> str:
+    grouped = dataset_name in GROUP_DATASETS
+    columns = list(GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS)
+    if grouped:
+        columns += sorted({k for r in results for k in r if k.startswith("error_")})
+    summary = common.summarize(results, by="method", columns=columns)
+    markdown = (
+        f"# AutoBalance on {dataset_name} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; errors in %)\n\n"
+        + common.markdown_table(summary, [c for c in columns if c in (GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS)], digits=2)
+    )
+    stem = f"autobalance_{dataset_name}"
+    trajectory_path = Path(output_dir) / f"{stem}_trajectory.csv"
+    if trajectory_path.exists() and not overwrite:
+        raise FileExistsError(f"{trajectory_path} exists; pass --overwrite to replace it or choose another --output_dir")
+    targets = common.write_results(output_dir, stem, results, summary, markdown, config=config, overwrite=overwrite)
+    common.atomic_write_text(trajectory_path, pd.DataFrame(trajectories).to_csv(index=False), overwrite=True)
+    print(markdown)
+    print(f"wrote {', '.join(str(p) for p in list(targets.values()) + [trajectory_path])}", file=sys.stderr)
+    return markdown
+
+
+def _settings(dataset_name: str) -> Settings:
+    epochs = FLAGS.epochs or DEFAULTS[dataset_name]["epochs"]
+    hidden = tuple(int(h) for h in FLAGS.hidden if h.strip())
+    if any(h < 1 for h in hidden):
+        raise app.UsageError(f"--hidden widths must be positive integers, got {FLAGS.hidden}")
+    return Settings(
+        epochs=epochs, warmup_fraction=FLAGS.warmup_fraction, iter_interval=FLAGS.iter_interval,
+        train_batches=FLAGS.train_batches, val_batches=FLAGS.val_batches,
+        batch_size=FLAGS.batch_size or DEFAULTS[dataset_name]["batch_size"],
+        lower_lr=FLAGS.lower_lr, weight_decay=FLAGS.weight_decay, upper_lr=FLAGS.upper_lr,
+        upper_optimizer=FLAGS.upper_optimizer, neumann_alpha=FLAGS.neumann_alpha,
+        inverse_terms=FLAGS.inverse_terms, search_space=FLAGS.search_space, init=FLAGS.init,
+        val_objective=FLAGS.val_objective, lambda_val=FLAGS.lambda_val, cluster_size=FLAGS.cluster_size,
+        per_group=FLAGS.per_group, augment=FLAGS.augment, hidden=hidden,
+    )  # fmt: skip
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        seeds = common.parse_seeds(FLAGS.seeds)
+    except ValueError as error:
+        raise app.UsageError(str(error))
+    for name in ("lower_lr", "upper_lr", "neumann_alpha"):
+        if not FLAGS[name].value > 0:
+            raise app.UsageError(f"--{name} must be > 0, got {FLAGS[name].value}")
+    datasets = SUITE_DATASETS[FLAGS.suite] if FLAGS.suite != "none" else (FLAGS.dataset,)
+    if FLAGS.suite == "none":
+        unknown = [m for m in FLAGS.methods if m not in METHODS]
+        if unknown or not FLAGS.methods:
+            raise app.UsageError(f"--methods has unknown {unknown}; choose from {', '.join(METHODS)}")
+        grouped = FLAGS.dataset in GROUP_DATASETS
+        needs_groups = {"group_balanced_ce", "group_la", "deo", "blend_objective", "group_dro"}
+        if not grouped and needs_groups & set(FLAGS.methods):
+            raise app.UsageError(f"{sorted(needs_groups & set(FLAGS.methods))} need a group dataset: {', '.join(GROUP_DATASETS)}")
+        if not grouped and (FLAGS.val_objective in ("group_balanced_ce", "deo", "blend") or FLAGS.per_group == "true"):
+            raise app.UsageError(f"--val_objective={FLAGS.val_objective} / --per_group need a group dataset: {', '.join(GROUP_DATASETS)}")
+        rows = tuple(Row(m, m, {}) for m in FLAGS.methods)
+    try:
+        settings = {name: _settings(name) for name in datasets}
+        for name in datasets:  # validate the AutoBalance configuration before any work
+            autobalance_config(settings[name], name, {})
+    except ValueError as error:
+        raise app.UsageError(str(error))
+    config = dict(flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present}, suite=FLAGS.suite,
+                  settings={k: dataclasses.asdict(v) for k, v in settings.items()})
+    wall = time.perf_counter()
+    if FLAGS.suite != "none":
+        outputs = run_suite(FLAGS.suite, seeds, settings, imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
+    else:
+        total = len(seeds) * sum(_phases(r) for r in rows) * settings[FLAGS.dataset].epochs
+        progress = Progress(f"autobalance:{FLAGS.dataset}", total, every=max(1, total // 20))
+        outputs = {FLAGS.dataset: run_dataset(FLAGS.dataset, rows, seeds, settings[FLAGS.dataset],
+                                              imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows,
+                                              progress=progress)}
+    for name, (results, trajectories) in outputs.items():
+        write(name, results, trajectories, seeds, config=config, overwrite=FLAGS.overwrite, output_dir=FLAGS.output_dir)
+    print(f"total wall time {time.perf_counter() - wall:.1f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
