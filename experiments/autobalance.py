@@ -46,7 +46,7 @@ from experiments import common
 from fairopt import data, hparams, losses, metrics, models
 from fairopt.solvers import autobalance as ab
 from fairopt.solvers.erm import erm
-from fairopt.train import Batch, Progress, Solver, fit, make_epoch_fn, masked_mean, predict_in_batches
+from fairopt.train import Batch, NonFiniteError, Progress, Solver, fit, make_epoch_fn, predict_in_batches
 
 DATASETS = ("digits_lt", "synthetic_lt", "waterbirds_like", "celeba_blond")
 GROUP_DATASETS = ("waterbirds_like", "celeba_blond")
@@ -75,7 +75,7 @@ flags.DEFINE_integer("val_batches", 4, "Validation batches of the upper gradient
 flags.DEFINE_integer("batch_size", None, "Rows per lower step (default: per dataset, see DEFAULTS).", lower_bound=1)
 flags.DEFINE_float("lower_lr", 0.05, "Lower-level SGD step (momentum 0.9).", lower_bound=0.0)
 flags.DEFINE_float("weight_decay", 5e-4, "Lower-level weight decay.", lower_bound=0.0)
-flags.DEFINE_float("upper_lr", 0.02, "Upper-level step.", lower_bound=0.0)
+flags.DEFINE_float("upper_lr", 0.1, "Upper-level step (Adam; see docs/results_autobalance.md for the choice).", lower_bound=0.0)
 flags.DEFINE_enum("upper_optimizer", "adam", ab.UPPER_OPTIMIZERS, "Upper-level optimiser.")
 flags.DEFINE_float("neumann_alpha", 0.1, "Neumann series step.", lower_bound=0.0)
 flags.DEFINE_integer("inverse_terms", 5, "Neumann terms J.", lower_bound=0)
@@ -191,7 +191,8 @@ GROUP_ROWS = (
     Row("CE_bal^G", "group_balanced_ce", {}),
     Row("Group-LA", "group_la", {}),
     Row("CE_deo", "deo", {}),
-    Row("0.9 CE + 0.1 CE_deo", "blend_objective", {}),
+    Row("0.9 CE + 0.1 CE_deo", "blend_objective", dict(lambda_val=0.1)),
+    Row("0.1 CE + 0.9 CE_deo", "blend_objective", dict(lambda_val=0.9)),
     Row("Group DRO", "group_dro", {}),
     Row("AutoBalance: lambda_val=0.1", "autobalance", dict(val_objective="blend", lambda_val=0.1, per_group=True)),
 )
@@ -211,7 +212,7 @@ class Settings:
     batch_size: int = 128
     lower_lr: float = 0.05
     weight_decay: float = 5e-4
-    upper_lr: float = 0.02
+    upper_lr: float = 0.1
     upper_optimizer: str = "adam"
     neumann_alpha: float = 0.1
     inverse_terms: int = 5
@@ -285,8 +286,12 @@ def objective_solver(apply_fn, objective: Callable, optimizer, *, dro: losses.Gr
     return Solver(init, step, predict)
 
 
-def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoBalanceConfig, steps: int) -> Solver:
-    """The fixed-loss / objective baselines, trained with AutoBalance's lower-level optimiser."""
+def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoBalanceConfig, steps: int,
+                    *, lambda_val: float = 0.1) -> Solver:
+    """The fixed-loss / objective baselines, trained with AutoBalance's lower-level optimiser.
+
+    ``lambda_val`` is the CE_deo weight of ``blend_objective`` (``(1 - lambda) CE + lambda CE_deo``).
+    """
     optimizer = ab.make_lower_optimizer(config, steps)
     counts = np.maximum(train.class_counts, 1)
     cells = train.cell_counts
@@ -303,7 +308,7 @@ def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoB
     if method == "group_dro":
         dro = losses.group_dro(num_classes * num_groups, step_size=0.01)
         return objective_solver(apply_fn, None, optimizer, dro=dro, num_groups=num_groups)
-    name, lam = ("deo", None) if method == "deo" else ("blend", 0.1)
+    name, lam = ("deo", None) if method == "deo" else ("blend", lambda_val)
     objective = losses.make_validation_objective(name, num_classes=num_classes, num_groups=num_groups, lambda_val=lam)
     return objective_solver(apply_fn, objective, optimizer)
 
@@ -396,40 +401,59 @@ def run_dataset(dataset_name: str, rows, seeds, settings: Settings, *, imbalance
             model_cache["init"] = lambda key: models.make_model(name, num_classes, num_features, key, **options)[0]
         apply_fn, init_params = model_cache["apply"], model_cache["init"]
         for row in rows:
-            config = autobalance_config(settings, dataset_name, row.overrides)
+            is_autobalance = row.method == "autobalance"
+            config = autobalance_config(settings, dataset_name, row.overrides if is_autobalance else {})
             key = jax.random.key(seed)
             start = time.perf_counter()
-            if row.method == "autobalance":
-                result = ab.search_and_retrain(
-                    apply_fn, init_params, config, prepared.search_train, prepared.search_val, key=key,
-                    num_classes=num_classes, num_groups=train.num_groups, retrain_data=train, cache=cache,
-                    progress=progress,
-                )  # fmt: skip
-                predict, state = result.retrain_solver.predict, result.state
-                extra = frequency_order_correlation(result.trajectory[-1], prepared.search_train.class_counts)
-                extra["final_val_objective"] = result.search_history[-1]["val_objective"]
-                trajectories += _trajectory_rows(result, row.name, seed, prepared.search_train.class_counts)
-            else:
-                steps = max(1, math.ceil(len(train) / config.batch_size))
-                cache_key = (row.method, train.class_counts.tobytes(), train.cell_counts.tobytes(), len(train))
-                if cache_key not in cache:
-                    solver = baseline_solver(row.method, apply_fn, train, config, steps)
-                    cache[cache_key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=config.batch_size))
-                solver, epoch_fn = cache[cache_key]
-                init_key, fit_key = jax.random.split(key)
-                state = solver.init(init_key, init_params(init_key))
-                state, _ = fit(
-                    solver, state, train.features, train.labels, train.groups, epochs=config.epochs,
-                    batch_size=config.batch_size, key=fit_key, epoch_fn=epoch_fn,
-                    on_epoch_end=(lambda e, s, m: progress.advance(m)) if progress is not None else None,
-                )  # fmt: skip
-                predict, extra = solver.predict, {}
+            try:
+                predict, state, extra = _train_row(row, config, prepared, seed, key, apply_fn, init_params, cache,
+                                                   trajectories, progress)
+            except NonFiniteError as error:
+                # A diverging method is a result (pure CE_deo training is unbounded: equal, growing
+                # losses in both groups keep CE_deo at 0); it is counted in the "diverged" column.
+                seconds = time.perf_counter() - start
+                print(f"[{dataset_name} {row.name} seed={seed}] DIVERGED: {error}", file=sys.stderr, flush=True)
+                results.append(dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=1))
+                continue
             seconds = time.perf_counter() - start
             scores = evaluate(predict_in_batches(predict, state, test.features), test)
-            results.append(dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, **scores, **extra))
+            results.append(dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=0, **scores, **extra))
             shown = {k: round(v, 2) for k, v in scores.items() if k in ("balanced_error", "worst_group_error", "deo", "group_balanced_error")}
             print(f"[{dataset_name} {row.name} seed={seed}] {shown} ({seconds:.1f}s)", file=sys.stderr, flush=True)
     return results, trajectories
+
+
+def _train_row(row: Row, config, prepared: Prepared, seed: int, key, apply_fn, init_params, cache: dict,
+               trajectories: list, progress):
+    """Train one row on one seed; returns ``(predict, state, extra columns)``."""
+    train = prepared.train
+    num_classes = train.num_classes
+    if row.method == "autobalance":
+        result = ab.search_and_retrain(
+            apply_fn, init_params, config, prepared.search_train, prepared.search_val, key=key,
+            num_classes=num_classes, num_groups=train.num_groups, retrain_data=train, cache=cache,
+            progress=progress,
+        )  # fmt: skip
+        predict, state = result.retrain_solver.predict, result.state
+        extra = frequency_order_correlation(result.trajectory[-1], prepared.search_train.class_counts)
+        extra["final_val_objective"] = result.search_history[-1]["val_objective"]
+        trajectories += _trajectory_rows(result, row.name, seed, prepared.search_train.class_counts)
+    else:
+        steps = max(1, math.ceil(len(train) / config.batch_size))
+        cache_key = (row.method, tuple(sorted(row.overrides.items())), train.class_counts.tobytes(), train.cell_counts.tobytes(), len(train))
+        if cache_key not in cache:
+            solver = baseline_solver(row.method, apply_fn, train, config, steps, **row.overrides)
+            cache[cache_key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=config.batch_size))
+        solver, epoch_fn = cache[cache_key]
+        init_key, fit_key = jax.random.split(key)
+        state = solver.init(init_key, init_params(init_key))
+        state, _ = fit(
+            solver, state, train.features, train.labels, train.groups, epochs=config.epochs,
+            batch_size=config.batch_size, key=fit_key, epoch_fn=epoch_fn,
+            on_epoch_end=(lambda e, s, m: progress.advance(m)) if progress is not None else None,
+        )  # fmt: skip
+        predict, extra = solver.predict, {}
+    return predict, state, extra
 
 
 def _phases(row: Row) -> int:
@@ -454,8 +478,8 @@ def run_suite(suite: str, seeds, settings_by_dataset: dict[str, Settings], **kwa
     return out
 
 
-LONGTAIL_COLUMNS = ("balanced_error", "error", "shift_frequency_spearman", "delta_frequency_spearman", "seconds")
-GROUP_COLUMNS = ("group_balanced_error", "worst_group_error", "deo", "error", "deo_gap_tpr", "seconds")
+LONGTAIL_COLUMNS = ("balanced_error", "error", "shift_frequency_spearman", "delta_frequency_spearman", "seconds", "diverged")
+GROUP_COLUMNS = ("group_balanced_error", "worst_group_error", "deo", "error", "deo_gap_tpr", "seconds", "diverged")
 
 
 def write(dataset_name: str, results: list[dict], trajectories: list[dict], seeds, *, config: dict, overwrite: bool,
@@ -465,10 +489,16 @@ def write(dataset_name: str, results: list[dict], trajectories: list[dict], seed
     if grouped:
         columns += sorted({k for r in results for k in r if k.startswith("error_")})
     summary = common.summarize(results, by="method", columns=columns)
+    shown = [c for c in columns if c in (GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS) and c != "diverged"]
     markdown = (
         f"# AutoBalance on {dataset_name} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; errors in %)\n\n"
-        + common.markdown_table(summary, [c for c in columns if c in (GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS)], digits=2)
+        + common.markdown_table(summary, shown, digits=2)
     )
+    diverged = pd.DataFrame(results).groupby("method", sort=False)["diverged"].sum()
+    if diverged.any():
+        markdown += "\nDiverged (non-finite loss; excluded from the means above): " + ", ".join(
+            f"{name} {int(count)}/{len(seeds)}" for name, count in diverged.items() if count
+        ) + "\n"
     stem = f"autobalance_{dataset_name}"
     trajectory_path = Path(output_dir) / f"{stem}_trajectory.csv"
     if trajectory_path.exists() and not overwrite:
@@ -518,13 +548,19 @@ def main(argv):
             raise app.UsageError(f"{sorted(needs_groups & set(FLAGS.methods))} need a group dataset: {', '.join(GROUP_DATASETS)}")
         if not grouped and (FLAGS.val_objective in ("group_balanced_ce", "deo", "blend") or FLAGS.per_group == "true"):
             raise app.UsageError(f"--val_objective={FLAGS.val_objective} / --per_group need a group dataset: {', '.join(GROUP_DATASETS)}")
-        rows = tuple(Row(m, m, {}) for m in FLAGS.methods)
+        rows = tuple(Row(m, m, {"lambda_val": FLAGS.lambda_val} if m == "blend_objective" else {}) for m in FLAGS.methods)
     try:
         settings = {name: _settings(name) for name in datasets}
         for name in datasets:  # validate the AutoBalance configuration before any work
             autobalance_config(settings[name], name, {})
     except ValueError as error:
         raise app.UsageError(str(error))
+    if not FLAGS.overwrite:  # refuse before hours of work, not after
+        suffixes = (".json", ".csv", "_summary.csv", ".md", "_trajectory.csv")
+        existing = [str(Path(FLAGS.output_dir) / f"autobalance_{name}{suffix}") for name in datasets for suffix in suffixes]
+        existing = [path for path in existing if Path(path).exists()]
+        if existing:
+            raise app.UsageError(f"results exist: {', '.join(existing)}; pass --overwrite or choose another --output_dir")
     config = dict(flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present}, suite=FLAGS.suite,
                   settings={k: dataclasses.asdict(v) for k, v in settings.items()})
     wall = time.perf_counter()
