@@ -65,7 +65,7 @@ def test_vmapped_middle_step_equals_a_loop_over_groups():
 
 def test_without_sharpness_the_middle_step_is_kl_regularised_vs_training():
     """beta = 0, v frozen at v_bar: one middle step is one Adagrad step on
-    alpha_low KL(Z^a || Z) + mean_xi L_vs(mu^a + sigma^a xi), written here independently."""
+    alpha_low KL(Z^a || Z) + mean_xi L_vs(mu^a + noise_scale sigma^a xi), written here independently."""
     dataset, params, apply_fn = _tiny_problem()
     config = FacimsConfig(method="facims_ii", num_mc=2, alpha_low=0.3, local_learning_rate=0.05)
     parts = facims_parts(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts)
@@ -77,7 +77,7 @@ def test_without_sharpness_the_middle_step_is_kl_regularised_vs_training():
 
     def objective(q):
         def loss_at(n):
-            w = jax.tree_util.tree_map(lambda m, s, e: m + jnp.exp(s) * e, q.mean, q.log_std, n)
+            w = jax.tree_util.tree_map(lambda m, s, e: m + config.noise_scale * jnp.exp(s) * e, q.mean, q.log_std, n)
             return masked_mean(losses.vs_loss(apply_fn(w, x), y, shift=shift), mask)
 
         return 0.3 * posterior.kl(q, global_q) + jnp.mean(jax.vmap(loss_at)(xi))
