@@ -19,11 +19,14 @@ Delta into (0, 1)).
 **Upper level** (hyperparameters ``alpha`` on the search-validation split ``S_V``): the
 validation objective
 
-.. math::
-    \mathcal{L}_{fair} = (1 - \lambda_{val})\,\mathcal{L}_{base} + \lambda_{val}\,\mathrm{CE}_{deo},
-    \qquad \mathcal{L}_{base} \in \{\mathrm{CE}, \mathrm{CE}_{bal}, \mathrm{CE}^G_{bal}, \mathrm{CE}_{deo}\},
+``L_fair`` in {CE, CE_bal, CE_bal^G, CE_deo (eq. 4.1), the blend}
+(:func:`fairopt.losses.make_validation_objective`: ``ce``, ``balanced_ce``,
+``group_balanced_ce``, ``deo``, ``blend``) of the plain cross-entropy, where the blend is
 
-(paper §2.1 and §4; Table 3 uses ``CE`` with ``lambda_val = 0.1``), minimised with the implicit
+.. math::
+    \mathcal{L}_{fair} = (1 - \lambda_{val})\,\mathrm{CE} + \lambda_{val}\,\mathrm{CE}_{deo}
+
+(paper §2.1 and §4; Table 3 uses ``lambda_val = 0.1``), minimised with the implicit
 hypergradient (SPEC §5, :func:`fairopt.implicit.implicit_hypergradient`)
 
 .. math::
@@ -64,6 +67,10 @@ Decisions and deviations from the official code (github.com/ucr-optml/AutoBalanc
   step on the *direct* gradient of the validation loss, which is zero for these
   hyperparameters (with old PyTorch ``zero_grad`` semantics that step still applied momentum
   and weight decay every iteration). fairopt updates ``alpha`` only at hypergradient steps.
+* Because the batch loss is the weighted *mean*, only the ratios of the weights matter (a common
+  factor cancels), as in the official code.
+* The upper optimiser is SGD with momentum (official) or Adam (``upper_optimizer``); its step
+  decays at the same epochs as the lower level's (its step count is converted to upper updates).
 * Neumann series: fairopt's :func:`fairopt.implicit.neumann_inverse_hvp` returns
   ``alpha sum_j (I - alpha H)^j v`` (equal to the official code's at ``alpha = 1``).
 * The Table 1 image pipelines (ResNet-32, AutoAugment policies for PDA) are replaced by MLPs
