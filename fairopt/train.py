@@ -100,6 +100,8 @@ def check_finite(tree: PyTree, *, what: str, epoch: int) -> None:
     """Raise :class:`NonFiniteError` naming ``what`` and the epoch if any leaf is NaN/inf."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     for path, leaf in leaves:
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            continue  # typed PRNG keys carry no floating-point values
         array = np.asarray(leaf)
         if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
             name = jax.tree_util.keystr(path)

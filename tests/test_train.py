@@ -36,7 +36,7 @@ def test_shuffled_batch_indices_cover_every_row_once(num_rows, batch_size):
 
 
 def test_check_finite_names_the_leaf_and_epoch():
-    train.check_finite({"a": jnp.ones(2)}, what="state ", epoch=1)
+    train.check_finite({"a": jnp.ones(2), "key": jax.random.key(0)}, what="state ", epoch=1)
     with pytest.raises(train.NonFiniteError, match=r"state \['b'\] at the end of epoch 7"):
         train.check_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.nan])}, what="state ", epoch=7)
 
