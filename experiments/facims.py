@@ -28,7 +28,7 @@ from experiments import common
 from fairopt import data, losses, models
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import DIVERGENCES, INVERSES, METHODS, VALIDATION_LOSSES, FacimsConfig, facims
-from fairopt.train import Progress, evaluate, fit
+from fairopt.train import Progress, check_finite, evaluate, fit
 
 BASELINES = ("erm", "berm")
 DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", "synthetic")
@@ -50,12 +50,15 @@ PAPER_CREDIT = {
 }
 
 FLAGS = flags.FLAGS
+_ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 DEFAULTS = FacimsConfig()  # flag defaults are the solver defaults (one place)
 flags.DEFINE_enum("dataset", "credit", DATASETS, "Dataset to run on.")
 flags.DEFINE_list("methods", ["facims"], f"Methods, any of {', '.join(METHODS + BASELINES)}.")
 flags.DEFINE_list("seeds", [str(s) for s in common.PAPER_SEEDS], "Random seeds.")
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
+flags.DEFINE_integer("checkpoint_every", 10, "Save the training state every N rounds/epochs (0: never).", lower_bound=0)
+flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir>/checkpoints (same flags).")
 flags.DEFINE_string("drug_path", None, "Path of drug_consumption.csv (default: $FAIROPT_DRUG_CSV or ../shared/data).")
 flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after resampling (0: no resampling).", lower_bound=0)
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
@@ -84,6 +87,8 @@ flags.DEFINE_bool("hparams_per_group", False, "VS hyperparameters per (class, gr
 flags.DEFINE_integer("groups_per_step", None, "Partial-group setting: groups sampled per step.", lower_bound=1)
 flags.DEFINE_float("baseline_lr", 1e-3, "Adam step of the ERM/BERM baselines.", lower_bound=0.0)
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
+
+_OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
 
 REPORT_COLUMNS = (
     "balanced_accuracy",
@@ -142,7 +147,7 @@ def facims_config(method: str) -> FacimsConfig:
     )
 
 
-def run_facims_method(method, splits, original_train, seed, progress):
+def run_facims_method(method, splits, original_train, seed, progress, checkpoints, run):
     dataset = splits.train
     params, apply_fn = models.make_model("mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed))
     solver = facims(
@@ -153,26 +158,33 @@ def run_facims_method(method, splits, original_train, seed, progress):
         batch_size=FLAGS.batch_size,
         val_batch_size=FLAGS.batch_size,
     )
-    state = solver.init(jax.random.key(seed + 1), params)
+    done, state = checkpoints.restore(run, solver.init(jax.random.key(seed + 1), params))
+    progress.update(progress.done + done)
     train_groups, val_groups = data.group_arrays(splits.train), data.group_arrays(splits.val)
     step = jax.jit(solver.step)
-    for epoch in range(1, FLAGS.epochs + 1):
+    for epoch in range(done + 1, FLAGS.epochs + 1):
         state, metrics = step(state, (train_groups, val_groups))
         metrics = {k: float(v) for k, v in metrics.items()}
-        if not all(np.isfinite(list(metrics.values()))):
-            raise FloatingPointError(f"{method}: non-finite metrics {metrics} at round {epoch}")
+        check_finite(metrics, what=f"{method} training metric ", epoch=epoch)
+        checkpoints.save(run, epoch, state)
         progress.advance(metrics)
     return solver, state
 
 
-def run_baseline(method, splits, original_train, seed, progress):
+def run_baseline(method, splits, original_train, seed, progress, checkpoints, run):
     dataset = splits.train
     params, apply_fn = models.make_model("mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed))
     loss_name = "ce" if method == "erm" else "weighted_ce"
     loss_fn = losses.make_loss(loss_name, class_counts=original_train.class_counts)
     steps_per_epoch = -(-len(dataset) // FLAGS.batch_size)
     solver = erm(apply_fn, loss_fn, optax.adam(FLAGS.baseline_lr), steps_per_epoch=steps_per_epoch)
-    state = solver.init(jax.random.key(seed + 1), params)
+    done, state = checkpoints.restore(run, solver.init(jax.random.key(seed + 1), params))
+    progress.update(progress.done + done)
+
+    def on_epoch_end(epoch, state, metrics):
+        checkpoints.save(run, epoch, state)
+        progress.advance(metrics)
+
     state, _ = fit(
         solver,
         state,
@@ -182,31 +194,61 @@ def run_baseline(method, splits, original_train, seed, progress):
         epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size,
         key=jax.random.key(seed + 2),
-        on_epoch_end=lambda epoch, state, metrics: progress.advance(metrics),
+        on_epoch_end=on_epoch_end,
+        start_epoch=done,
     )
     return solver, state
+
+
+def setup():
+    """Validate the flags and open the checkpoints; errors become usage errors (no traceback)."""
+    try:
+        seeds = common.parse_seeds(FLAGS.seeds)
+        unknown = [m for m in FLAGS.methods if m not in METHODS + BASELINES]
+        if unknown:
+            raise ValueError(f"--methods has unknown {unknown}; choose from {', '.join(METHODS + BASELINES)}")
+        if len(set(FLAGS.methods)) != len(FLAGS.methods):
+            raise ValueError(f"--methods has repeated values: {FLAGS.methods}")
+        stem = f"facims_{FLAGS.dataset}"
+        common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
+        facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")  # validates the values
+        settings = {
+            name: FLAGS[name].value
+            for name in sorted(_OWN_FLAGS - {"resume", "overwrite", "output_dir", "checkpoint_every"})
+        }
+        checkpoints = common.Checkpointer(
+            f"{FLAGS.output_dir}/checkpoints/{stem}", every=FLAGS.checkpoint_every, config=settings, resume=FLAGS.resume
+        )
+    except (ValueError, FileExistsError) as error:
+        raise app.UsageError(str(error)) from None
+    return seeds, stem, checkpoints
 
 
 def main(argv):
     del argv
     common.enable_compilation_cache()
-    seeds = common.parse_seeds(FLAGS.seeds)
-    unknown = [m for m in FLAGS.methods if m not in METHODS + BASELINES]
-    if unknown:
-        raise app.UsageError(f"--methods has unknown {unknown}; choose from {', '.join(METHODS + BASELINES)}")
-    rows = []
+    seeds, stem, checkpoints = setup()
+    rows = checkpoints.finished_runs()
+    finished = {(row["method"], row["seed"]) for row in rows}
     total = len(seeds) * len(FLAGS.methods) * FLAGS.epochs
     progress = Progress(f"facims:{FLAGS.dataset}", total, every=max(1, FLAGS.epochs // 5))
+    progress.update(len(finished) * FLAGS.epochs)
     for seed in seeds:
+        if all((method, seed) in finished for method in FLAGS.methods):
+            continue
         dataset = load_dataset(FLAGS.dataset, FLAGS.drug_path, seed)
         splits, original_train = prepare(dataset, seed, FLAGS.samples_per_group)
         for method in FLAGS.methods:
+            if (method, seed) in finished:
+                continue
             start = time.perf_counter()
             runner = run_baseline if method in BASELINES else run_facims_method
-            solver, state = runner(method, splits, original_train, seed, progress)
+            solver, state = runner(method, splits, original_train, seed, progress, checkpoints, f"{method}_seed{seed}")
             seconds = time.perf_counter() - start
             report = evaluate(solver.predict, state, splits.test, num_bins=FLAGS.num_bins)
-            rows.append(dict(method=method, seed=seed, seconds=seconds, **report))
+            row = dict(method=method, seed=seed, seconds=seconds, **report)
+            checkpoints.add_finished_run(row)
+            rows.append(row)
             print(
                 f"[{method} seed={seed}] balanced_accuracy={report['balanced_accuracy']:.4f} "
                 f"sgap_official={report['sufficiency_gap_official']:.4f} sgap={report['sufficiency_gap']:.4f} "
@@ -227,7 +269,7 @@ def main(argv):
         facims=dataclasses.asdict(facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")),
     )
     targets = common.write_results(
-        FLAGS.output_dir, f"facims_{FLAGS.dataset}", rows, summary, markdown, config=config, overwrite=FLAGS.overwrite
+        FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite
     )
     print(markdown)
     print(f"wrote {', '.join(str(p) for p in targets.values())}", file=sys.stderr)

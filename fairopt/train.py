@@ -152,6 +152,7 @@ def fit(
     epoch_fn: Callable | None = None,
     on_epoch_end: Callable[[int, PyTree, dict], None] | None = None,
     progress: Progress | None = None,
+    start_epoch: int = 0,
 ) -> tuple[PyTree, list[dict]]:
     """Train ``solver`` for ``epochs`` epochs of shuffled minibatches.
 
@@ -165,6 +166,7 @@ def fit(
       epoch_fn: a compiled epoch from :func:`make_epoch_fn` to reuse across seeds/methods.
       on_epoch_end: called as ``on_epoch_end(epoch, state, metrics)`` (epochs count from 1).
       progress: a :class:`Progress` printer.
+      start_epoch: epochs already done (resuming from a checkpoint taken after that epoch).
 
     Returns:
       The final state and the per-epoch metrics (floats).
@@ -180,7 +182,9 @@ def fit(
     if epoch_fn is None:
         epoch_fn = make_epoch_fn(solver.step, num_rows=int(x.shape[0]), batch_size=batch_size)
     history = []
-    for epoch in range(1, epochs + 1):
+    if not 0 <= start_epoch <= epochs:
+        raise ValueError(f"start_epoch must be in [0, epochs={epochs}], got {start_epoch}")
+    for epoch in range(start_epoch + 1, epochs + 1):
         state, metrics = epoch_fn(state, x, y, groups, jax.random.fold_in(key, epoch))
         metrics = {k: float(v) for k, v in metrics.items()}
         check_finite(metrics, what="training metric ", epoch=epoch)
