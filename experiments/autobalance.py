@@ -45,7 +45,8 @@ from absl import app, flags
 from experiments import common
 from fairopt import data, hparams, losses, metrics, models
 from fairopt.solvers import autobalance as ab
-from fairopt.solvers.erm import erm
+from fairopt.solvers import constrained
+from fairopt.solvers.erm import batch_objective_erm, erm
 from fairopt.train import Batch, NonFiniteError, Progress, Solver, fit, make_epoch_fn, predict_in_batches
 
 DATASETS = ("digits_lt", "synthetic_lt", "waterbirds_like", "celeba_blond")
@@ -246,46 +247,6 @@ def autobalance_config(settings: Settings, dataset: str, overrides: dict) -> ab.
     return ab.AutoBalanceConfig(**config)
 
 
-class ObjectiveState(NamedTuple):
-    params: Any
-    opt_state: Any
-    dro: Any  # losses.GroupDROState or None
-    step: jax.Array
-
-
-def objective_solver(apply_fn, objective: Callable, optimizer, *, dro: losses.GroupDRO | None = None,
-                     num_groups: int = 1) -> Solver:
-    """ERM on a *batch-level* objective (CE_deo, the CE/CE_deo blend) or online group DRO.
-
-    ``objective(per_example_ce, labels, groups, mask) -> scalar``; with ``dro`` the batch loss is
-    Sagawa et al.'s ``q · L_cells`` over the (class, group) cells ``y * G + a`` instead.
-    (:func:`fairopt.solvers.erm.erm` reduces a per-example loss with a plain mean, which these
-    objectives are not.)
-    """
-
-    def init(key, params):
-        del key
-        return ObjectiveState(params, optimizer.init(params), dro.init() if dro is not None else None,
-                              jnp.zeros((), jnp.int32))
-
-    def step(state: ObjectiveState, batch: Batch):
-        def loss_fn(params):
-            per_example = losses.cross_entropy(apply_fn(params, batch.x), batch.y)
-            if dro is None:
-                return objective(per_example, batch.y, batch.groups, batch.mask), state.dro
-            cells = batch.y * num_groups + batch.groups
-            return dro.update_and_loss(state.dro, per_example, cells, batch.mask)
-
-        (loss, dro_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return ObjectiveState(optax.apply_updates(state.params, updates), opt_state, dro_state, state.step + 1), {"loss": loss}
-
-    def predict(state, x):
-        return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
-
-    return Solver(init, step, predict)
-
-
 def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoBalanceConfig, steps: int,
                     *, lambda_val: float = 0.1) -> Solver:
     """The fixed-loss / objective baselines, trained with AutoBalance's lower-level optimiser.
@@ -306,11 +267,12 @@ def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoB
         return erm(apply_fn, loss_fn, optimizer, steps_per_epoch=steps)
     num_classes, num_groups = train.num_classes, train.num_groups
     if method == "group_dro":
-        dro = losses.group_dro(num_classes * num_groups, step_size=0.01)
-        return objective_solver(apply_fn, None, optimizer, dro=dro, num_groups=num_groups)
+        return constrained.group_dro(
+            apply_fn, optimizer, num_classes=num_classes, num_groups=num_groups, step_size=0.01
+        )
     name, lam = ("deo", None) if method == "deo" else ("blend", lambda_val)
     objective = losses.make_validation_objective(name, num_classes=num_classes, num_groups=num_groups, lambda_val=lam)
-    return objective_solver(apply_fn, objective, optimizer)
+    return batch_objective_erm(apply_fn, objective, optimizer)
 
 
 # ------------------------------------------------------------------------------------------------

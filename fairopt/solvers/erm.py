@@ -69,3 +69,44 @@ def erm(
         return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
 
     return Solver(init, step, predict)
+
+
+def batch_objective_erm(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    objective: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+) -> Solver:
+    """ERM on a *batch-level* objective of the per-example cross-entropies:
+
+        min_theta  objective(CE(f_theta(x_i), y_i)_{i in B}, y_B, a_B, mask_B)
+
+    for the objectives that are not a mean of per-example losses — CE_deo (AutoBalance eq. 4.1),
+    the blend ``(1 - lambda) CE + lambda CE_deo``, CE_bal, CE_bal^G
+    (:func:`fairopt.losses.make_validation_objective` builds them).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits [B, K]``.
+      objective: ``objective(per_example_ce [B], labels, groups, mask) -> scalar``.
+      optimizer: an optax transformation.
+
+    Returns:
+      A :class:`fairopt.train.Solver` with :class:`ERMState` states.
+    """
+
+    def init(key, params):
+        del key
+        return ERMState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    def loss(params, batch: Batch):
+        per_example = optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, batch.x), batch.y)
+        return objective(per_example, batch.y, batch.groups, batch.mask)
+
+    def step(state: ERMState, batch: Batch):
+        value, grads = jax.value_and_grad(loss)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return ERMState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), {"loss": value}
+
+    def predict(state: ERMState, x):
+        return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
+
+    return Solver(init, step, predict)
