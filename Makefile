@@ -8,7 +8,7 @@ EXTRAS ?= data,test,plot
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench reproduce clean
+.PHONY: setup run test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
+# fairopt FairALM vs fairlearn's ExponentiatedGradient on the same splits (figures in JSON).
 bench: setup
-	$(BIN)/python -m benchmarks.run_all $(ARGS)
-
-reproduce: setup
-	$(BIN)/python -m experiments.reproduce --suite all $(ARGS)
+	$(BIN)/python -m benchmarks.fairlearn_compare $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
