@@ -95,11 +95,19 @@ class FacimsConfig:
       local_learning_rate: Adagrad step of the local posteriors.
       global_learning_rate: Adagrad step of the global posterior, times ``global_decay`` per round.
       hparam_learning_rate, hparam_momentum: SGD on ``v``.
+      hparam_max_grad_norm: the hypergradient of ``v`` is clipped to this global norm first (the
+        upper objective sums the divergence over every weight, so in the first rounds its
+        hypergradient reaches 1e4 and unclipped SGD drove ``log Delta`` to 143, then NaN, on a
+        credit-card seed).
       divergence: ``"kl"`` or ``"w2"``.
       inverse: ``"cg"``, ``"neumann"`` or ``"exact"`` (tiny models only).
       neumann_alpha, inverse_terms: Neumann step / number of terms (also CG iterations).
       init_std: initial std ``sigma`` of every posterior (as seen by the divergence).
       noise_scale: weights are sampled as ``mu + noise_scale * sigma * xi`` (module docstring).
+      log_std_range: every posterior's ``log sigma`` is clipped to this interval after each
+        update, so that ``exp(2 (log sigma_q - log sigma_p))`` in the KL cannot overflow (Adagrad
+        moves every coordinate by about its step in the first updates; without the clip a
+        credit-card seed reached NaN at round 4).
       tau: logit-adjustment temperature of ``v_bar``.
       validation_loss: ``"vs_bar"`` or ``"balanced_ce"`` (``L_bal``).
       hparams_per_group: ``v`` indexed by (class, group) (eq. 4.2 of AutoBalance) instead of class.
@@ -121,12 +129,14 @@ class FacimsConfig:
     global_decay: float = 0.9
     hparam_learning_rate: float = 1e-3
     hparam_momentum: float = 0.9
+    hparam_max_grad_norm: float = 1.0
     divergence: str = "kl"
     inverse: str = "cg"
     neumann_alpha: float = 0.1
     inverse_terms: int = 5
     init_std: float = 1.0
     noise_scale: float = 0.08
+    log_std_range: tuple[float, float] = (-7.0, 2.0)
     tau: float = 1.0
     validation_loss: str = "vs_bar"
     hparams_per_group: bool = False
@@ -146,7 +156,7 @@ class FacimsConfig:
         for name in ("alpha_low", "alpha_up", "sharpness", "hparam_momentum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FacimsConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("local_learning_rate", "global_learning_rate", "global_decay", "init_std", "noise_scale", "neumann_alpha"):
+        for name in ("local_learning_rate", "global_learning_rate", "global_decay", "init_std", "noise_scale", "neumann_alpha", "hparam_max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FacimsConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("middle_steps", "num_mc", "num_eval_samples", "hypergradient_samples"):
@@ -155,6 +165,9 @@ class FacimsConfig:
         for name in ("upper_steps", "inverse_terms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FacimsConfig.{name} must be >= 0, got {getattr(self, name)}")
+        low, high = self.log_std_range
+        if not low < high:
+            raise ValueError(f"FacimsConfig.log_std_range must be (low, high) with low < high, got {self.log_std_range}")
         if self.hypergradient_samples > self.num_mc:
             raise ValueError(
                 f"FacimsConfig.hypergradient_samples={self.hypergradient_samples} exceeds num_mc={self.num_mc}; "
@@ -236,6 +249,7 @@ class FacimsParts(NamedTuple):
     group_hypergradient: Callable  # (local_q, global_q, vs_params, batch, noise, val_batch, global_noise, group)
     fams_global_gradient: Callable  # (local_q, global_q)
     sample_weights: Callable  # (q, standard_normal_noise) -> weights
+    clip_log_std: Callable  # (q) -> q with log_std clipped to config.log_std_range
 
 
 def facims_parts(
@@ -259,7 +273,10 @@ def facims_parts(
             staircase=True,
         )
     )
-    hparam_optimizer = optax.sgd(config.hparam_learning_rate, momentum=config.hparam_momentum)
+    hparam_optimizer = optax.chain(
+        optax.clip_by_global_norm(config.hparam_max_grad_norm),
+        optax.sgd(config.hparam_learning_rate, momentum=config.hparam_momentum),
+    )
 
     # ---- losses -------------------------------------------------------------------------------
 
@@ -268,6 +285,10 @@ def facims_parts(
         if config.hparams_per_group:
             shift, scale = shift[:, group], scale[:, group]
         return dict(shift=shift, scale=scale)
+
+    def clip_log_std(q: posterior.Gaussian) -> posterior.Gaussian:
+        low, high = config.log_std_range
+        return q._replace(log_std=jax.tree_util.tree_map(lambda s: jnp.clip(s, low, high), q.log_std))
 
     def sample_weights(q: posterior.Gaussian, noise):
         """``mu + noise_scale * sigma * xi`` for standard-normal ``noise`` (module docstring)."""
@@ -324,7 +345,7 @@ def facims_parts(
             local_q, global_q, vs_params, batch, noise, group, perturbation
         )
         updates, new_opt_state = local_optimizer.update(grads, opt_state, local_q)
-        new_q = optax.apply_updates(local_q, updates)
+        new_q = clip_log_std(optax.apply_updates(local_q, updates))
         keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
         return (
             jax.tree_util.tree_map(keep, new_q, local_q),
@@ -372,6 +393,7 @@ def facims_parts(
         group_hypergradient=group_hypergradient,
         fams_global_gradient=fams_global_gradient,
         sample_weights=sample_weights,
+        clip_log_std=clip_log_std,
     )
 
 
@@ -503,7 +525,7 @@ def facims(
             )
             grad_global, grad_vs = average(grad_global), average(grad_vs)
             updates, global_opt_state = global_optimizer.update(grad_global, global_opt_state, global_q)
-            global_q = optax.apply_updates(global_q, updates)
+            global_q = parts.clip_log_std(optax.apply_updates(global_q, updates))
             if config.learns_hparams:
                 updates, hparam_opt_state = hparam_optimizer.update(grad_vs, hparam_opt_state, vs_params)
                 vs_params = optax.apply_updates(vs_params, updates)
