@@ -43,14 +43,7 @@ from fairopt.solvers.erm import erm
 from fairopt.solvers.fairalm import fairalm
 from fairopt.train import fit, make_epoch_fn, predict_in_batches
 
-DATASETS = ("adult", "celeba_attributes", "compas", "german", "credit")
-LOADERS = {
-    "adult": lambda: data.adult(group="sex"),
-    "celeba_attributes": lambda: data.celeba_attributes(target="Attractive", group="Male"),
-    "compas": lambda: data.compas(),
-    "german": lambda: data.german(),
-    "credit": lambda: data.credit(),
-}
+DATASETS = tuple(common.FAIRNESS_LOADERS)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "adult", DATASETS, "Dataset.")
@@ -165,7 +158,7 @@ def main(argv):
     eta = FLAGS.eta if FLAGS.eta is not None else (chosen_eta if chosen_eta is not None else 0.01)
     rows, epoch_fns = [], {}
     for seed in seeds:
-        splits = data.standardize(data.split(LOADERS[FLAGS.dataset](), seed=seed))
+        splits = data.standardize(data.split(common.FAIRNESS_LOADERS[FLAGS.dataset](), seed=seed))
         for method, run in (
             ("sklearn_lr", lambda: run_sklearn(splits, seed)),
             ("fairlearn_eg", lambda: run_fairlearn(splits, seed)),

@@ -18,7 +18,19 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from fairopt import data
+
 PAPER_SEEDS = (0, 42, 666, 777, 1009)
+
+# The binary fair-classification datasets of the FairALM experiments and the fairlearn benchmark,
+# with the protected attribute of each (sex; Male for CelebA attributes, target Attractive).
+FAIRNESS_LOADERS = {
+    "adult": lambda: data.adult(group="sex"),
+    "celeba_attributes": lambda: data.celeba_attributes(target="Attractive", group="Male"),
+    "compas": lambda: data.compas(),
+    "german": lambda: data.german(),
+    "credit": lambda: data.credit(),
+}
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
@@ -59,19 +71,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool) ->
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose another --output_dir")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:

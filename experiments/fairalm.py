@@ -48,7 +48,7 @@ from fairopt.train import Progress, fit, make_epoch_fn, predict_in_batches
 METHODS = ("unconstrained", "l2_penalty", "reweighting", "lagrangian", "fairalm", "group_dro")
 DEFAULT_METHODS = ("unconstrained", "l2_penalty", "reweighting", "lagrangian", "fairalm")
 ETA_METHODS = ("l2_penalty", "lagrangian", "fairalm")
-DATASETS = ("adult", "celeba_attributes", "compas", "german", "credit")
+DATASETS = tuple(common.FAIRNESS_LOADERS)
 OPTIMIZERS = ("adam", "sgd")
 
 FLAGS = flags.FLAGS
@@ -96,13 +96,6 @@ def _valid_grid(values):
 
 flags.register_validator("eta_grid", _valid_grid)
 
-LOADERS = {
-    "adult": lambda: data.adult(group="sex"),
-    "celeba_attributes": lambda: data.celeba_attributes(target="Attractive", group="Male"),
-    "compas": lambda: data.compas(),
-    "german": lambda: data.german(),
-    "credit": lambda: data.credit(),
-}
 
 
 def make_solver(method: str, apply_fn, train: data.Dataset, *, eta: float, steps_per_epoch: int):
@@ -192,7 +185,7 @@ class Runner:
 
 
 def prepare(seed: int) -> data.Splits:
-    return data.standardize(data.split(LOADERS[FLAGS.dataset](), seed=seed))
+    return data.standardize(data.split(common.FAIRNESS_LOADERS[FLAGS.dataset](), seed=seed))
 
 
 def select_eta(runner, splits, seed, methods, grid):
