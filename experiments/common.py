@@ -215,11 +215,13 @@ def markdown_table(
     digits: int = 4,
     index_name: str = "method",
 ) -> str:
-    """A Markdown table of ``mean ± std`` cells; with ``paper``, a ``paper`` cell beside each."""
+    """A Markdown table of ``mean ± std`` cells; with ``paper``, a ``(paper)`` column beside each
+    column that the paper reports."""
+    with_paper = {c for c in columns if paper is not None and any(c in row for row in paper.values())}
     header = [index_name]
     for column in columns:
         header.append(column)
-        if paper is not None:
+        if column in with_paper:
             header.append(f"{column} (paper)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in summary.iterrows():
@@ -227,7 +229,7 @@ def markdown_table(
         for column in columns:
             mean, std = row.get(f"{column}_mean"), row.get(f"{column}_std")
             cells.append("" if mean is None or pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
-            if paper is not None:
+            if column in with_paper:
                 value = paper.get(str(name), {}).get(column)
                 cells.append("" if value is None else f"{value:.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
