@@ -127,7 +127,7 @@ class Progress:
 
     def update(self, done: int, metrics: Mapping[str, float] | None = None) -> None:
         self.done = done
-        if not self.enabled or (done % self.every and done != self.total):
+        if not self.enabled or done == 0 or (done % self.every and done != self.total):
             return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(done, 1) * (self.total - done)
