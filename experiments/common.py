@@ -118,6 +118,8 @@ class Checkpointer:
             for stale in list(self.directory.glob("*.state")) + [self.directory / "runs.json"]:
                 if stale.exists():
                     stale.unlink()
+        for leftover in self.directory.glob(".*.tmp"):  # a write cut short by a kill
+            leftover.unlink()
         atomic_write_text(config_path, config_text, overwrite=True)
 
     def finished_runs(self) -> list[dict]:

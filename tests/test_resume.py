@@ -45,7 +45,7 @@ def test_checkpointer_round_trips_states_with_typed_keys(tmp_path):
 def _command(output_dir, *extra):
     return [
         sys.executable, "-m", "experiments.facims", "--dataset=synthetic", "--methods=erm,berm", "--seeds=0",
-        "--epochs=25", "--checkpoint_every=1", f"--output_dir={output_dir}", *extra,
+        "--epochs=60", "--checkpoint_every=1", f"--output_dir={output_dir}", *extra,
     ]
 
 
@@ -73,12 +73,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     finally:
         process.wait()
     killed_at = pickle.loads(state_file.read_bytes())["epoch"]
-    assert 3 <= killed_at < 25
-    assert not (interrupted / "facims_synthetic.json").exists()  # nothing half-written
-    assert not list(interrupted.rglob("*.tmp"))
+    assert 3 <= killed_at < 60
+    assert not (interrupted / "facims_synthetic.json").exists()  # no results file, not even half of one
 
     result = subprocess.run(_command(interrupted, "--resume"), cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(interrupted.rglob("*.tmp"))  # a temporary file cut short by the kill is cleaned up
     assert _metrics(interrupted) == _metrics(tmp_path / "full")
 
 
