@@ -1024,6 +1024,15 @@ def make_loss(
             )
         return logits
 
+    def ldam_with_options():
+        """LDAM with the margins of ``counts`` and the ``max_margin`` / ``scale`` options."""
+        return functools.partial(
+            ldam_loss,
+            class_counts=counts,
+            max_margin=options.get("max_margin", 0.5),
+            scale=options.get("scale", 30.0),
+        )
+
     if name == "ce":
         def loss_fn(logits, labels, groups=None, epoch=0):
             return cross_entropy(checked_k(logits), labels)
@@ -1045,12 +1054,7 @@ def make_loss(
         def loss_fn(logits, labels, groups=None, epoch=0):
             return vs_loss(checked_k(logits), labels, scale=scale, shift=shift)
     elif name == "ldam":
-        ldam = functools.partial(
-            ldam_loss,
-            class_counts=counts,
-            max_margin=options.get("max_margin", 0.5),
-            scale=options.get("scale", 30.0),
-        )
+        ldam = ldam_with_options()
         def loss_fn(logits, labels, groups=None, epoch=0):
             return ldam(checked_k(logits), labels)
     elif name in ("ldam_drw", "drw"):
@@ -1064,12 +1068,7 @@ def make_loss(
             raise ValueError(f"make_loss: drw_start_epoch must be an int >= 0, got {start!r}")
         weights = drw_weights(counts, options.get("beta", 0.9999))
         if name == "ldam_drw":
-            ldam = functools.partial(
-                ldam_loss,
-                class_counts=counts,
-                max_margin=options.get("max_margin", 0.5),
-                scale=options.get("scale", 30.0),
-            )
+            ldam = ldam_with_options()
             def loss_fn(logits, labels, groups=None, epoch=0):
                 current = deferred_weights(weights, epoch, start)
                 return ldam(checked_k(logits), labels, class_weights=current)

@@ -47,14 +47,6 @@ class NonFiniteError(FloatingPointError):
     """Raised when a loss or parameter becomes NaN or infinite during training."""
 
 
-def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``sum(values * mask) / max(sum(mask), 1)`` — 0 (with zero gradient) for an empty mask."""
-    if mask is None:
-        return jnp.mean(values)
-    mask = mask.astype(values.dtype)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def shuffled_batch_indices(key: jax.Array, num_rows: int, batch_size: int):
     """Row indices of one epoch of shuffled minibatches, padded to whole batches.
 

@@ -12,7 +12,8 @@ import pytest
 from fairopt import data, losses, metrics, models, posterior
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import FacimsConfig, VSParams, facims, facims_parts
-from fairopt.train import fit, masked_mean
+from fairopt.losses import masked_mean
+from fairopt.train import fit
 
 NUM_FEATURES, NUM_CLASSES, NUM_GROUPS, BATCH = 4, 2, 3, 8
 

@@ -11,17 +11,17 @@ import optax
 import pytest
 
 from experiments import common
-from fairopt import train
+from fairopt import losses, train
 from fairopt.solvers.erm import erm
 
 
 def test_masked_mean_ignores_padding_and_is_zero_when_empty():
     values = jnp.array([1.0, 2.0, 100.0])
-    assert float(train.masked_mean(values, jnp.array([True, True, False]))) == pytest.approx(1.5)
-    assert float(train.masked_mean(values, None)) == pytest.approx(103.0 / 3)
+    assert float(losses.masked_mean(values, jnp.array([True, True, False]))) == pytest.approx(1.5)
+    assert float(losses.masked_mean(values, None)) == pytest.approx(103.0 / 3)
     empty = jnp.zeros(3, bool)
-    assert float(train.masked_mean(values, empty)) == 0.0
-    grad = jax.grad(lambda v: train.masked_mean(v, empty))(values)
+    assert float(losses.masked_mean(values, empty)) == 0.0
+    grad = jax.grad(lambda v: losses.masked_mean(v, empty))(values)
     np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 

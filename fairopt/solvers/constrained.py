@@ -50,7 +50,8 @@ import numpy as np
 import optax
 
 from fairopt import losses
-from fairopt.train import Batch, Solver, masked_mean
+from fairopt.losses import masked_mean
+from fairopt.train import Batch, Solver
 
 ATOMS = ("deo", "fpr", "dp", "pp")
 CONSTRAINTS = ("deo", "fpr", "eo", "dp", "pp")

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairopt.train import Batch, Solver, masked_mean
+from fairopt.losses import masked_mean
+from fairopt.train import Batch, Solver
 
 PerExampleLoss = Callable[..., jax.Array]  # (logits, labels, groups, epoch) -> [B]
 

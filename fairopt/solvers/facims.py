@@ -67,7 +67,8 @@ import optax
 
 from fairopt import implicit, losses, posterior, sam
 from fairopt.data.batching import GroupedArrays, sample_group_batch
-from fairopt.train import Solver, masked_mean
+from fairopt.losses import masked_mean
+from fairopt.train import Solver
 
 METHODS = ("facims", "facims_i", "facims_ii", "fams")
 DIVERGENCES = ("kl", "w2")
@@ -469,7 +470,7 @@ def facims(
     def step(state: FacimsState, data):
         train, val = data
         key, round_key = jax.random.split(state.key)
-        middle_key, upper_key, active_key, first_key = jax.random.split(round_key, 4)
+        middle_key, upper_key, active_key, _ = jax.random.split(round_key, 4)  # 4: the streams of recorded runs
         middle_keys = jax.random.split(middle_key, (config.middle_steps, 2))
         upper_keys = jax.random.split(upper_key, (config.upper_steps, 2))
         groups = jnp.arange(num_groups)
@@ -481,29 +482,27 @@ def facims(
                 lambda k: posterior.standard_normal_like(k, q, config.num_mc)
             )(jax.random.split(key, leading))
 
-        one_global = jax.tree_util.tree_map(lambda leaf: leaf[0], state.local_posteriors)
+        one_group_q = jax.tree_util.tree_map(lambda leaf: leaf[0], state.local_posteriors)  # noise shapes
+
+        def middle_draw(batch_key, noise_key):
+            """A middle step's train batch [G, B] and Monte-Carlo noise [G, num_mc, ...]."""
+            return sample_group_batch(batch_key, train, batch_size), noise_for(noise_key, one_group_q, num_groups)
 
         def middle_body(carry, step_keys):
-            local_q, opt_state, _ = carry
-            batch_key, noise_key = step_keys
-            batch = sample_group_batch(batch_key, train, batch_size)
-            noise = noise_for(noise_key, one_global, num_groups)
+            local_q, opt_state = carry
+            batch, noise = middle_draw(*step_keys)
             local_q, opt_state, loss = jax.vmap(
                 middle_step, in_axes=(0, 0, None, None, 0, 0, 0, 0, 0)
             )(local_q, opt_state, global_q, vs_params, batch, noise, groups, beta, active)
-            return (local_q, opt_state, (batch, noise)), jnp.sum(jnp.where(active, loss, 0.0)) / jnp.maximum(
-                jnp.sum(active), 1
-            )
+            return (local_q, opt_state), jnp.sum(jnp.where(active, loss, 0.0)) / jnp.maximum(jnp.sum(active), 1)
 
-        # The scan carries the last middle step's batch and noise: the hypergradient is taken
-        # at the same draw as the last inner step (placeholders of the right shape to start).
-        first_batch = sample_group_batch(first_key, train, batch_size)
-        first_noise = noise_for(first_key, one_global, num_groups)
-        (local_q, local_opt_state, (last_batch, middle_noise)), middle_losses = jax.lax.scan(
+        (local_q, local_opt_state), middle_losses = jax.lax.scan(
             middle_body,
-            (state.local_posteriors, state.local_opt_state, (first_batch, first_noise)),
+            (state.local_posteriors, state.local_opt_state),
             (middle_keys[:, 0], middle_keys[:, 1]),
         )
+        # The hypergradient is taken at the last middle step's draw, redrawn from its keys.
+        last_batch, middle_noise = middle_draw(middle_keys[-1, 0], middle_keys[-1, 1])
         last_noise = jax.tree_util.tree_map(lambda leaf: leaf[:, : config.hypergradient_samples], middle_noise)
 
         def upper_body(carry, step_keys):
