@@ -8,7 +8,7 @@ EXTRAS ?= data,test,plot
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: setup
 # fairopt FairALM vs fairlearn's ExponentiatedGradient on the same splits (figures in JSON).
 bench: setup
 	$(BIN)/python -m benchmarks.fairlearn_compare $(ARGS)
+
+# Every paper table and figure from real runs, written to docs/results.md and docs/figures/
+# (see experiments/reproduce.py for the time per suite; rerun with ARGS=--overwrite to regenerate).
+reproduce: setup
+	$(BIN)/python -m experiments.reproduce --suite=all $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
