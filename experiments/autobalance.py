@@ -19,6 +19,12 @@ hyperparameter trajectories ``<output_dir>/autobalance_<name>_trajectory.csv`` (
 for a Fig. 3-style plot), refusing to overwrite without ``--overwrite``. :func:`run_suite` is
 the entry point for a future ``experiments/reproduce.py``.
 
+Checkpoints: the training state is saved every ``--checkpoint_every`` epochs of either phase
+(AutoBalance's search state with the hyperparameter trajectory so far, then the retrain state)
+under ``<output_dir>/checkpoints/autobalance_<dataset>``, and finished runs with their
+trajectory rows; ``--resume`` (with the same flags) continues an interrupted run and ends with
+the same numbers as an uninterrupted one.
+
 Metrics: class imbalance — balanced error ``1 - mean_k recall_k`` on a class-balanced test set;
 groups — group-balanced error (mean over (class, group) cells), worst (class, group) error and
 the symmetric DEO of eq. (4.1) evaluated on the 0-1 error, ``sum_k |err_{k,0} - err_{k,1}|``
@@ -30,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,7 +54,7 @@ from fairopt import data, hparams, losses, metrics, models
 from fairopt.solvers import autobalance as ab
 from fairopt.solvers import constrained
 from fairopt.solvers.erm import batch_objective_erm, erm
-from fairopt.train import Batch, NonFiniteError, Progress, Solver, fit, make_epoch_fn, predict_in_batches
+from fairopt.train import NonFiniteError, Progress, Solver, fit_resumable, make_epoch_fn, predict_in_batches
 
 DATASETS = ("digits_lt", "synthetic_lt", "waterbirds_like", "celeba_blond")
 GROUP_DATASETS = ("waterbirds_like", "celeba_blond")
@@ -58,6 +65,7 @@ SUITES = ("none", "longtail", "groups")
 PER_GROUP = ("auto", "true", "false")
 
 FLAGS = flags.FLAGS
+_ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 flags.DEFINE_enum("suite", "none", SUITES, "Run a paper table (longtail: Table 1, groups: Table 3) instead of --methods.")
 flags.DEFINE_enum("dataset", "synthetic_lt", DATASETS, "Dataset (ignored by --suite).")
 flags.DEFINE_list("methods", ["autobalance"], f"Methods (ignored by --suite), any of {', '.join(METHODS)}.")
@@ -82,10 +90,15 @@ flags.DEFINE_float("neumann_alpha", 0.1, "Neumann series step.", lower_bound=0.0
 flags.DEFINE_integer("inverse_terms", 5, "Neumann terms J.", lower_bound=0)
 flags.DEFINE_list("hidden", ["128", "64"], "Hidden widths of the MLP (empty: linear model).")
 flags.DEFINE_float("imbalance_factor", None, "rho = n_max / n_min (default: digits_lt 10, synthetic_lt 100).", lower_bound=1.0)
-flags.DEFINE_integer("celeba_rows", 20000, "Rows of CelebA used for training (+ half as many for test).", lower_bound=100)
+flags.DEFINE_integer("celeba_rows", 20000, "Rows of CelebA used for training (+ half as many for test).",
+                     lower_bound=100, upper_bound=135000)  # 1.5 x rows <= the 202,599 rows of CelebA
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Random seeds.")
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
+flags.DEFINE_integer("checkpoint_every", 1, "Save the training state every N epochs of either phase (0: never).", lower_bound=0)
+flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir>/checkpoints (same flags).")
+
+_OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
 
 # Per-dataset defaults chosen for a ~25 minute budget of both suites on a shared 2-core CPU.
 DEFAULTS = {
@@ -347,83 +360,117 @@ def frequency_order_correlation(snapshot: dict, class_counts: np.ndarray) -> dic
 # ------------------------------------------------------------------------------------------------
 
 
+def run_name(row: Row, seed: int) -> str:
+    """The checkpoint name of a (row, seed) run, e.g. ``AutoBalance_l_Delta_LA_init_seed0``."""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", row.name).strip("_") + f"_seed{seed}"
+
+
 def run_dataset(dataset_name: str, rows, seeds, settings: Settings, *, imbalance_factor=None, celeba_rows=20000,
-                progress: Progress | None = None) -> tuple[list[dict], list[dict]]:
-    """Every row on one dataset for every seed; returns (metric rows, trajectory rows)."""
+                progress: Progress | None = None, checkpoints: common.Checkpointer | None = None,
+                ) -> tuple[list[dict], list[dict]]:
+    """Every row on one dataset for every seed; returns (metric rows, trajectory rows).
+
+    With ``checkpoints``, every finished (row, seed) is recorded there with its trajectory rows,
+    and a resumed call reads those back instead of training again and continues the interrupted
+    run from its last checkpoint.
+    """
+    finished = {}
+    if checkpoints is not None:
+        for stored in checkpoints.finished_runs():
+            finished[(stored["method"], stored["seed"])] = stored
     results, trajectories = [], []
     cache: dict = {}
     model_cache: dict = {}
     for seed in seeds:
-        prepared = prepare(dataset_name, seed, imbalance_factor=imbalance_factor, celeba_rows=celeba_rows)
-        train, test = prepared.train, prepared.test
-        num_classes, num_features = train.num_classes, train.num_features
-        if "apply" not in model_cache:
-            name, options = ("mlp", dict(hidden=settings.hidden)) if settings.hidden else ("linear", {})
-            _, model_cache["apply"] = models.make_model(name, num_classes, num_features, jax.random.key(0), **options)
-            model_cache["init"] = lambda key: models.make_model(name, num_classes, num_features, key, **options)[0]
-        apply_fn, init_params = model_cache["apply"], model_cache["init"]
+        prepared = None
         for row in rows:
+            if (row.name, seed) in finished:
+                result = dict(finished[(row.name, seed)])
+                trajectories += result.pop("trajectory")
+                results.append(result)
+                if progress is not None:
+                    progress.update(progress.done + _phases(row) * settings.epochs)
+                continue
+            if prepared is None:
+                prepared = prepare(dataset_name, seed, imbalance_factor=imbalance_factor, celeba_rows=celeba_rows)
+                if "apply" not in model_cache:
+                    model_cache.update(_model(prepared.train, settings.hidden))
             is_autobalance = row.method == "autobalance"
             config = autobalance_config(settings, dataset_name, row.overrides if is_autobalance else {})
-            key = jax.random.key(seed)
             start = time.perf_counter()
             try:
-                predict, state, extra = _train_row(row, config, prepared, seed, key, apply_fn, init_params, cache,
-                                                   trajectories, progress)
+                predict, state, extra, trajectory = _train_row(
+                    row, config, prepared, seed, jax.random.key(seed), model_cache["apply"], model_cache["init"],
+                    cache, progress, checkpoints, run_name(row, seed),
+                )  # fmt: skip
             except NonFiniteError as error:
                 # A diverging method is a result (pure CE_deo training is unbounded: equal, growing
                 # losses in both groups keep CE_deo at 0); it is counted in the "diverged" column.
+                # Its last good checkpoint stays on disk.
                 seconds = time.perf_counter() - start
                 print(f"[{dataset_name} {row.name} seed={seed}] DIVERGED: {error}", file=sys.stderr, flush=True)
-                results.append(dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=1))
-                continue
-            seconds = time.perf_counter() - start
-            scores = evaluate(predict_in_batches(predict, state, test.features), test)
-            results.append(dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=0, **scores, **extra))
-            shown = {k: round(v, 2) for k, v in scores.items() if k in ("balanced_error", "worst_group_error", "deo", "group_balanced_error")}
-            print(f"[{dataset_name} {row.name} seed={seed}] {shown} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+                result = dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=1)
+                predict, trajectory = None, []
+            if predict is not None:
+                seconds = time.perf_counter() - start
+                scores = evaluate(predict_in_batches(predict, state, prepared.test.features), prepared.test)
+                result = dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=0, **scores, **extra)
+                shown = {k: round(v, 2) for k, v in scores.items() if k in ("balanced_error", "worst_group_error", "deo", "group_balanced_error")}
+                print(f"[{dataset_name} {row.name} seed={seed}] {shown} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+            if checkpoints is not None:
+                checkpoints.add_finished_run(dict(result, trajectory=trajectory))
+            results.append(result)
+            trajectories += trajectory
     return results, trajectories
 
 
+def _model(train: data.Dataset, hidden: tuple[int, ...]) -> dict:
+    """``apply`` and ``init(key) -> params`` of the model (an MLP, or linear without hidden layers)."""
+    name, options = ("mlp", dict(hidden=hidden)) if hidden else ("linear", {})
+    num_classes, num_features = train.num_classes, train.num_features
+    _, apply_fn = models.make_model(name, num_classes, num_features, jax.random.key(0), **options)
+    return dict(apply=apply_fn, init=lambda key: models.make_model(name, num_classes, num_features, key, **options)[0])
+
+
 def _train_row(row: Row, config, prepared: Prepared, seed: int, key, apply_fn, init_params, cache: dict,
-               trajectories: list, progress):
-    """Train one row on one seed; returns ``(predict, state, extra columns)``."""
+               progress, checkpoints, run: str):
+    """Train one row on one seed (continuing from ``run``'s checkpoints, if any); returns
+    ``(predict, state, extra columns, trajectory rows)``."""
     train = prepared.train
     num_classes = train.num_classes
     if row.method == "autobalance":
         result = ab.search_and_retrain(
             apply_fn, init_params, config, prepared.search_train, prepared.search_val, key=key,
             num_classes=num_classes, num_groups=train.num_groups, retrain_data=train, cache=cache,
-            progress=progress,
+            progress=progress, checkpoints=checkpoints, run=run,
         )  # fmt: skip
         predict, state = result.retrain_solver.predict, result.state
         extra = frequency_order_correlation(result.trajectory[-1], prepared.search_train.class_counts)
         extra["final_val_objective"] = result.search_history[-1]["val_objective"]
-        trajectories += _trajectory_rows(result, row.name, seed, prepared.search_train.class_counts)
-    else:
-        steps = max(1, math.ceil(len(train) / config.batch_size))
-        cache_key = (row.method, tuple(sorted(row.overrides.items())), train.class_counts.tobytes(), train.cell_counts.tobytes(), len(train))
-        if cache_key not in cache:
-            solver = baseline_solver(row.method, apply_fn, train, config, steps, **row.overrides)
-            cache[cache_key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=config.batch_size))
-        solver, epoch_fn = cache[cache_key]
-        init_key, fit_key = jax.random.split(key)
-        state = solver.init(init_key, init_params(init_key))
-        state, _ = fit(
-            solver, state, train.features, train.labels, train.groups, epochs=config.epochs,
-            batch_size=config.batch_size, key=fit_key, epoch_fn=epoch_fn,
-            on_epoch_end=(lambda e, s, m: progress.advance(m)) if progress is not None else None,
-        )  # fmt: skip
-        predict, extra = solver.predict, {}
-    return predict, state, extra
+        return predict, state, extra, _trajectory_rows(result, row.name, seed, prepared.search_train.class_counts)
+    steps = max(1, math.ceil(len(train) / config.batch_size))
+    cache_key = (row.method, tuple(sorted(row.overrides.items())), train.class_counts.tobytes(), train.cell_counts.tobytes(), len(train))
+    if cache_key not in cache:
+        solver = baseline_solver(row.method, apply_fn, train, config, steps, **row.overrides)
+        cache[cache_key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=config.batch_size))
+    solver, epoch_fn = cache[cache_key]
+    init_key, fit_key = jax.random.split(key)
+    state, _ = fit_resumable(
+        solver, solver.init(init_key, init_params(init_key)), train.features, train.labels, train.groups,
+        checkpoints=checkpoints, run=run, progress=progress, epochs=config.epochs, batch_size=config.batch_size,
+        key=fit_key, epoch_fn=epoch_fn,
+    )  # fmt: skip
+    return solver.predict, state, {}, []
 
 
 def _phases(row: Row) -> int:
     return 2 if row.method == "autobalance" else 1
 
 
-def run_suite(suite: str, seeds, settings_by_dataset: dict[str, Settings], **kwargs) -> dict[str, tuple]:
-    """Run a paper table (``"longtail"``: Table 1, ``"groups"``: Table 3) on its datasets.
+def run_suite(suite: str, seeds, settings_by_dataset: dict[str, Settings], *,
+              checkpoints: dict[str, common.Checkpointer] | None = None, **kwargs) -> dict[str, tuple]:
+    """Run a paper table (``"longtail"``: Table 1, ``"groups"``: Table 3) on its datasets
+    (``checkpoints``: optionally a :class:`common.Checkpointer` per dataset, see :func:`run_dataset`).
 
     Returns:
       ``{dataset: (metric rows, trajectory rows)}``.
@@ -436,7 +483,8 @@ def run_suite(suite: str, seeds, settings_by_dataset: dict[str, Settings], **kwa
         settings = settings_by_dataset[dataset_name]
         total = len(seeds) * sum(_phases(r) for r in rows) * settings.epochs
         progress = Progress(f"autobalance:{dataset_name}", total, every=max(1, total // 20))
-        out[dataset_name] = run_dataset(dataset_name, rows, seeds, settings, progress=progress, **kwargs)
+        out[dataset_name] = run_dataset(dataset_name, rows, seeds, settings, progress=progress,
+                                        checkpoints=(checkpoints or {}).get(dataset_name), **kwargs)
     return out
 
 
@@ -462,9 +510,7 @@ def write(dataset_name: str, results: list[dict], trajectories: list[dict], seed
             f"{name} {int(count)}/{len(seeds)}" for name, count in diverged.items() if count
         ) + "\n"
     stem = f"autobalance_{dataset_name}"
-    trajectory_path = Path(output_dir) / f"{stem}_trajectory.csv"
-    if trajectory_path.exists() and not overwrite:
-        raise FileExistsError(f"{trajectory_path} exists; pass --overwrite to replace it or choose another --output_dir")
+    trajectory_path = check_writable(output_dir, dataset_name, overwrite=overwrite)
     targets = common.write_results(output_dir, stem, results, summary, markdown, config=config, overwrite=overwrite)
     common.atomic_write_text(trajectory_path, pd.DataFrame(trajectories).to_csv(index=False), overwrite=True)
     print(markdown)
@@ -472,11 +518,34 @@ def write(dataset_name: str, results: list[dict], trajectories: list[dict], seed
     return markdown
 
 
+def check_writable(output_dir: str, dataset_name: str, *, overwrite: bool) -> Path:
+    """Refuse (FileExistsError) if a results file of ``dataset_name`` exists and not ``overwrite``;
+    returns the path of the trajectory file."""
+    stem = f"autobalance_{dataset_name}"
+    common.check_results_writable(output_dir, stem, overwrite=overwrite)
+    trajectory_path = Path(output_dir) / f"{stem}_trajectory.csv"
+    if trajectory_path.exists() and not overwrite:
+        raise FileExistsError(f"{trajectory_path} exists; pass --overwrite to replace it or choose another --output_dir")
+    return trajectory_path
+
+
+def parse_hidden(values) -> tuple[int, ...]:
+    """The widths of ``--hidden``: positive integers (none: a linear model)."""
+    hidden = []
+    for value in values:
+        try:
+            width = int(value)
+        except ValueError:
+            raise ValueError(f"--hidden must be positive integers, got {value!r} (e.g. --hidden=128,64)") from None
+        if width < 1:
+            raise ValueError(f"--hidden must be positive integers, got {width}")
+        hidden.append(width)
+    return tuple(hidden)
+
+
 def _settings(dataset_name: str) -> Settings:
     epochs = FLAGS.epochs or DEFAULTS[dataset_name]["epochs"]
-    hidden = tuple(int(h) for h in FLAGS.hidden if h.strip())
-    if any(h < 1 for h in hidden):
-        raise app.UsageError(f"--hidden widths must be positive integers, got {FLAGS.hidden}")
+    hidden = parse_hidden(FLAGS.hidden)
     return Settings(
         epochs=epochs, warmup_fraction=FLAGS.warmup_fraction, iter_interval=FLAGS.iter_interval,
         train_batches=FLAGS.train_batches, val_batches=FLAGS.val_batches,
@@ -489,54 +558,66 @@ def _settings(dataset_name: str) -> Settings:
     )  # fmt: skip
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+def setup(argv):
+    """Validate every flag and open the checkpoints; errors become usage errors (one line, no
+    traceback, exit code 1). Returns ``(seeds, rows (None with --suite), settings per dataset,
+    checkpoints per dataset)``."""
     try:
+        if len(argv) > 1:
+            raise ValueError(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
         seeds = common.parse_seeds(FLAGS.seeds)
-    except ValueError as error:
-        raise app.UsageError(str(error))
-    for name in ("lower_lr", "upper_lr", "neumann_alpha"):
-        if not FLAGS[name].value > 0:
-            raise app.UsageError(f"--{name} must be > 0, got {FLAGS[name].value}")
-    datasets = SUITE_DATASETS[FLAGS.suite] if FLAGS.suite != "none" else (FLAGS.dataset,)
-    if FLAGS.suite == "none":
-        unknown = [m for m in FLAGS.methods if m not in METHODS]
-        if unknown or not FLAGS.methods:
-            raise app.UsageError(f"--methods has unknown {unknown}; choose from {', '.join(METHODS)}")
-        grouped = FLAGS.dataset in GROUP_DATASETS
-        needs_groups = {"group_balanced_ce", "group_la", "deo", "blend_objective", "group_dro"}
-        if not grouped and needs_groups & set(FLAGS.methods):
-            raise app.UsageError(f"{sorted(needs_groups & set(FLAGS.methods))} need a group dataset: {', '.join(GROUP_DATASETS)}")
-        if not grouped and (FLAGS.val_objective in ("group_balanced_ce", "deo", "blend") or FLAGS.per_group == "true"):
-            raise app.UsageError(f"--val_objective={FLAGS.val_objective} / --per_group need a group dataset: {', '.join(GROUP_DATASETS)}")
-        rows = tuple(Row(m, m, {"lambda_val": FLAGS.lambda_val} if m == "blend_objective" else {}) for m in FLAGS.methods)
-    try:
+        common.check_number_flags(FLAGS, _OWN_FLAGS)
+        for name in ("lower_lr", "upper_lr", "neumann_alpha"):
+            if not FLAGS[name].value > 0:
+                raise ValueError(f"--{name} must be > 0, got {FLAGS[name].value}")
+        if FLAGS.suite != "none":
+            ignored = [f"--{name}" for name in ("dataset", "methods") if FLAGS[name].present]
+            if ignored:
+                raise ValueError(f"{' and '.join(ignored)} would be ignored by --suite={FLAGS.suite}; drop them or --suite")
+            datasets, rows = SUITE_DATASETS[FLAGS.suite], None
+            overrides = [row.overrides for row in SUITE_ROWS[FLAGS.suite] if row.method == "autobalance"]
+        else:
+            datasets = (FLAGS.dataset,)
+            methods = common.parse_choices("methods", FLAGS.methods, METHODS)
+            grouped = FLAGS.dataset in GROUP_DATASETS
+            needs_groups = sorted({"group_balanced_ce", "group_la", "deo", "blend_objective", "group_dro"} & set(methods))
+            if not grouped and needs_groups:
+                raise ValueError(f"--methods {needs_groups} need a group --dataset: {', '.join(GROUP_DATASETS)}")
+            if not grouped and (FLAGS.val_objective in ("group_balanced_ce", "deo", "blend") or FLAGS.per_group == "true"):
+                raise ValueError(
+                    f"--val_objective={FLAGS.val_objective} / --per_group=true need a group --dataset: {', '.join(GROUP_DATASETS)}"
+                )
+            rows = tuple(Row(m, m, {"lambda_val": FLAGS.lambda_val} if m == "blend_objective" else {}) for m in methods)
+            overrides = [{}]
         settings = {name: _settings(name) for name in datasets}
-        for name in datasets:  # validate the AutoBalance configuration before any work
-            autobalance_config(settings[name], name, {})
-    except ValueError as error:
-        raise app.UsageError(str(error))
-    if not FLAGS.overwrite:  # refuse before hours of work, not after
-        suffixes = (".json", ".csv", "_summary.csv", ".md", "_trajectory.csv")
-        existing = [str(Path(FLAGS.output_dir) / f"autobalance_{name}{suffix}") for name in datasets for suffix in suffixes]
-        existing = [path for path in existing if Path(path).exists()]
-        if existing:
-            raise app.UsageError(f"results exist: {', '.join(existing)}; pass --overwrite or choose another --output_dir")
+        for name in datasets:  # the AutoBalance configurations, before any work
+            for override in overrides:
+                autobalance_config(settings[name], name, override)
+        for name in datasets:
+            check_writable(FLAGS.output_dir, name, overwrite=FLAGS.overwrite)
+        checkpoints = {name: common.open_checkpointer(FLAGS, _OWN_FLAGS, f"autobalance_{name}") for name in datasets}
+    except (ValueError, FileExistsError) as error:
+        raise app.UsageError(str(error)) from None
+    return seeds, rows, settings, checkpoints
+
+
+def main(argv):
+    seeds, rows, settings, checkpoints = setup(argv)
+    common.enable_compilation_cache()
     config = dict(flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present}, suite=FLAGS.suite,
                   settings={k: dataclasses.asdict(v) for k, v in settings.items()})
     wall = time.perf_counter()
+    data_options = dict(imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
     if FLAGS.suite != "none":
-        outputs = run_suite(FLAGS.suite, seeds, settings, imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
+        outputs = run_suite(FLAGS.suite, seeds, settings, checkpoints=checkpoints, **data_options)
     else:
         total = len(seeds) * sum(_phases(r) for r in rows) * settings[FLAGS.dataset].epochs
         progress = Progress(f"autobalance:{FLAGS.dataset}", total, every=max(1, total // 20))
-        outputs = {FLAGS.dataset: run_dataset(FLAGS.dataset, rows, seeds, settings[FLAGS.dataset],
-                                              imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows,
-                                              progress=progress)}
+        outputs = {FLAGS.dataset: run_dataset(FLAGS.dataset, rows, seeds, settings[FLAGS.dataset], progress=progress,
+                                              checkpoints=checkpoints[FLAGS.dataset], **data_options)}
     for name, (results, trajectories) in outputs.items():
         write(name, results, trajectories, seeds, config=config, overwrite=FLAGS.overwrite, output_dir=FLAGS.output_dir)
-    print(f"total wall time {time.perf_counter() - wall:.1f}s", file=sys.stderr)
+    print(f"wall time of this process {time.perf_counter() - wall:.1f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":

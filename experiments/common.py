@@ -38,14 +38,52 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     shapes skip compilation (a nested FACIMS round takes minutes to compile on a 2-core CPU).
 
     The folder is ``directory``, else ``$FAIROPT_CACHE_DIR``, else ``~/.cache/fairopt/jax``.
+    Every program is kept, however quick to compile: the few dozen small programs of data
+    preparation and evaluation add up to seconds per process on a loaded CPU.
     """
     import jax
 
     path = Path(directory or os.environ.get("FAIROPT_CACHE_DIR") or Path.home() / ".cache" / "fairopt" / "jax")
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
+
+
+# Flags a resumed run may change; every other flag of an entry point must match its checkpoints.
+RUN_FLAGS = frozenset({"resume", "overwrite", "output_dir", "checkpoint_every"})
+
+
+def open_checkpointer(flag_values, names: Iterable[str], stem: str) -> "Checkpointer":
+    """The :class:`Checkpointer` of ``<output_dir>/checkpoints/<stem>``, whose config is the
+    value of every flag in ``names`` except :data:`RUN_FLAGS` (what a resume must match)."""
+    settings = {name: flag_values[name].value for name in sorted(set(names) - RUN_FLAGS)}
+    return Checkpointer(
+        Path(flag_values.output_dir) / "checkpoints" / stem,
+        every=flag_values.checkpoint_every,
+        config=settings,
+        resume=flag_values.resume,
+    )
+
+
+def check_number_flags(flag_values, names: Iterable[str]) -> None:
+    """Refuse NaN and infinite values of float flags (absl's bounds let ``nan`` through)."""
+    for name in sorted(names):
+        value = flag_values[name].value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}")
+
+
+def parse_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    """The values of a comma-separated flag ``--name``: each one of ``allowed``, none repeated."""
+    unknown = [value for value in values if value not in allowed]
+    if unknown:
+        raise ValueError(f"--{name} has unknown {unknown}; choose from {', '.join(allowed)}")
+    if not values:
+        raise ValueError(f"--{name} is empty; choose from {', '.join(allowed)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--{name} has repeated values: {list(values)}")
+    return tuple(values)
 
 
 def parse_seeds(values: Sequence[str] | Sequence[int]) -> tuple[int, ...]:
@@ -123,11 +161,12 @@ class Checkpointer:
         atomic_write_text(config_path, config_text, overwrite=True)
 
     def finished_runs(self) -> list[dict]:
+        """The rows given to :meth:`add_finished_run`, in order (NaN and inf come back as NaN)."""
         path = self.directory / "runs.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        return _from_json(json.loads(path.read_text())) if path.exists() else []
 
     def add_finished_run(self, row: Mapping) -> None:
-        rows = self.finished_runs() + [_jsonable(dict(row))]
+        rows = _jsonable(self.finished_runs() + [dict(row)])
         atomic_write_text(self.directory / "runs.json", json.dumps(rows, indent=2) + "\n", overwrite=True)
 
     def save(self, run: str, epoch: int, state, *, force: bool = False) -> None:
@@ -193,6 +232,17 @@ def _jsonable(value):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    return value
+
+
+def _from_json(value):
+    """Inverse of :func:`_jsonable` for result rows: ``null`` (a non-finite float) becomes NaN."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
     return value
 
 

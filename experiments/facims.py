@@ -28,7 +28,7 @@ from experiments import common
 from fairopt import data, losses, models
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import DIVERGENCES, INVERSES, METHODS, VALIDATION_LOSSES, FacimsConfig, facims
-from fairopt.train import Progress, check_finite, evaluate, fit
+from fairopt.train import Progress, check_finite, evaluate, fit_resumable
 
 BASELINES = ("erm", "berm")
 DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", "synthetic")
@@ -178,56 +178,42 @@ def run_baseline(method, splits, original_train, seed, progress, checkpoints, ru
     loss_fn = losses.make_loss(loss_name, class_counts=original_train.class_counts)
     steps_per_epoch = -(-len(dataset) // FLAGS.batch_size)
     solver = erm(apply_fn, loss_fn, optax.adam(FLAGS.baseline_lr), steps_per_epoch=steps_per_epoch)
-    done, state = checkpoints.restore(run, solver.init(jax.random.key(seed + 1), params))
-    progress.update(progress.done + done)
-
-    def on_epoch_end(epoch, state, metrics):
-        checkpoints.save(run, epoch, state)
-        progress.advance(metrics)
-
-    state, _ = fit(
+    state, _ = fit_resumable(
         solver,
-        state,
+        solver.init(jax.random.key(seed + 1), params),
         dataset.features,
         dataset.labels,
         dataset.groups,
+        checkpoints=checkpoints,
+        run=run,
+        progress=progress,
         epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size,
         key=jax.random.key(seed + 2),
-        on_epoch_end=on_epoch_end,
-        start_epoch=done,
     )
     return solver, state
 
 
-def setup():
+def setup(argv):
     """Validate the flags and open the checkpoints; errors become usage errors (no traceback)."""
     try:
+        if len(argv) > 1:
+            raise ValueError(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
         seeds = common.parse_seeds(FLAGS.seeds)
-        unknown = [m for m in FLAGS.methods if m not in METHODS + BASELINES]
-        if unknown:
-            raise ValueError(f"--methods has unknown {unknown}; choose from {', '.join(METHODS + BASELINES)}")
-        if len(set(FLAGS.methods)) != len(FLAGS.methods):
-            raise ValueError(f"--methods has repeated values: {FLAGS.methods}")
+        common.parse_choices("methods", FLAGS.methods, METHODS + BASELINES)
+        common.check_number_flags(FLAGS, _OWN_FLAGS)
         stem = f"facims_{FLAGS.dataset}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
         facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")  # validates the values
-        settings = {
-            name: FLAGS[name].value
-            for name in sorted(_OWN_FLAGS - {"resume", "overwrite", "output_dir", "checkpoint_every"})
-        }
-        checkpoints = common.Checkpointer(
-            f"{FLAGS.output_dir}/checkpoints/{stem}", every=FLAGS.checkpoint_every, config=settings, resume=FLAGS.resume
-        )
+        checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
     return seeds, stem, checkpoints
 
 
 def main(argv):
-    del argv
+    seeds, stem, checkpoints = setup(argv)
     common.enable_compilation_cache()
-    seeds, stem, checkpoints = setup()
     rows = checkpoints.finished_runs()
     finished = {(row["method"], row["seed"]) for row in rows}
     total = len(seeds) * len(FLAGS.methods) * FLAGS.epochs

@@ -24,14 +24,17 @@ keeps accuracies within 90 % of the best); the chosen value is then used for eve
         --constraint=deo --eta=0.1 --epochs=3
 
 Writes ``<output_dir>/fairalm_<dataset>.{json,csv,md}`` and ``..._summary.csv`` (refusing to
-overwrite without ``--overwrite``) and prints the Markdown table.
+overwrite without ``--overwrite``) and prints the Markdown table. Training states are saved every
+``--checkpoint_every`` epochs under ``<output_dir>/checkpoints/fairalm_<dataset>``; ``--resume``
+(with the same flags) skips the finished runs, including those of the ``--eta_grid`` selection,
+and continues the interrupted one, ending with the same numbers as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -43,7 +46,7 @@ from fairopt import data, losses, metrics, models
 from fairopt.solvers import constrained
 from fairopt.solvers.erm import erm
 from fairopt.solvers.fairalm import fairalm
-from fairopt.train import Progress, fit, make_epoch_fn, predict_in_batches
+from fairopt.train import NonFiniteError, Progress, fit_resumable, make_epoch_fn, predict_in_batches
 
 METHODS = ("unconstrained", "l2_penalty", "reweighting", "lagrangian", "fairalm", "group_dro")
 DEFAULT_METHODS = ("unconstrained", "l2_penalty", "reweighting", "lagrangian", "fairalm")
@@ -52,6 +55,7 @@ DATASETS = tuple(common.FAIRNESS_LOADERS)
 OPTIMIZERS = ("adam", "sgd")
 
 FLAGS = flags.FLAGS
+_ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 flags.DEFINE_enum("dataset", "adult", DATASETS, "Dataset (protected attribute: sex for adult/german, Male for celeba_attributes).")
 flags.DEFINE_list("method", list(DEFAULT_METHODS), f"Methods, comma-separated, any of: {', '.join(METHODS)}.")
 flags.DEFINE_list("constraint", ["deo"], f"Constraints, comma-separated, any of: {', '.join(constrained.CONSTRAINTS)}.")
@@ -71,31 +75,50 @@ flags.DEFINE_enum("model", "mlp", ("mlp", "linear"), "Model (mlp: 400-200-100 EL
 flags.DEFINE_float("dro_step_size", 0.01, "Group DRO step size.", lower_bound=0.0)
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
+flags.DEFINE_integer("checkpoint_every", 1, "Save the training state every N epochs (0: never).", lower_bound=0)
+flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir>/checkpoints (same flags).")
+
+_OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
 
 
-def _validate_list(name, values, allowed):
-    unknown = [v for v in values if v not in allowed]
-    if unknown or not values:
-        raise flags.ValidationError(f"--{name} has unknown or no values {unknown}; allowed: {', '.join(allowed)}")
-    return True
+def parse_eta_grid(values) -> tuple[float, ...]:
+    """The values of ``--eta_grid``: finite numbers >= 0, none repeated (empty: no selection)."""
+    grid = []
+    for value in values:
+        try:
+            eta = float(value)
+        except ValueError:
+            raise ValueError(f"--eta_grid must be numbers, got {value!r} (e.g. --eta_grid=0.01,0.1,1)") from None
+        if not (np.isfinite(eta) and eta >= 0):
+            raise ValueError(f"--eta_grid values must be finite and >= 0, got {value!r}")
+        grid.append(eta)
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"--eta_grid has repeated values: {list(values)}")
+    return tuple(grid)
 
 
-flags.register_validator("method", lambda v: _validate_list("method", v, METHODS))
-flags.register_validator("constraint", lambda v: _validate_list("constraint", v, constrained.CONSTRAINTS))
-
-
-def _valid_grid(values):
+def setup(argv):
+    """Validate every flag and open the checkpoints; errors become usage errors (one line, no
+    traceback, exit code 1). Returns ``(seeds, methods, eta grid, results stem, checkpoints)``."""
     try:
-        grid = [float(v) for v in values]
-    except ValueError:
-        raise flags.ValidationError(f"--eta_grid must be numbers, got {values}")
-    if any(not np.isfinite(v) or v < 0 for v in grid):
-        raise flags.ValidationError(f"--eta_grid values must be finite and >= 0, got {values}")
-    return True
-
-
-flags.register_validator("eta_grid", _valid_grid)
-
+        if len(argv) > 1:
+            raise ValueError(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
+        seeds = common.parse_seeds(FLAGS.seeds)
+        methods = common.parse_choices("method", FLAGS.method, METHODS)
+        common.parse_choices("constraint", FLAGS.constraint, constrained.CONSTRAINTS)
+        grid = parse_eta_grid(FLAGS.eta_grid)
+        if grid and not set(methods) & set(ETA_METHODS):
+            raise ValueError(f"--eta_grid tunes {', '.join(ETA_METHODS)}; add one of them to --method or drop --eta_grid")
+        common.check_number_flags(FLAGS, _OWN_FLAGS)
+        for name in ("learning_rate", "dro_step_size"):
+            if not FLAGS[name].value > 0:
+                raise ValueError(f"--{name} must be > 0, got {FLAGS[name].value}")
+        stem = f"fairalm_{FLAGS.dataset}"
+        common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
+        checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
+    except (ValueError, FileExistsError) as error:
+        raise app.UsageError(str(error)) from None
+    return seeds, methods, grid, stem, checkpoints
 
 
 def make_solver(method: str, apply_fn, train: data.Dataset, *, eta: float, steps_per_epoch: int):
@@ -153,13 +176,39 @@ def evaluate_split(solver, state, split: data.Dataset) -> dict[str, float]:
     return row
 
 
+def prepare(seed: int) -> data.Splits:
+    return data.standardize(data.split(common.FAIRNESS_LOADERS[FLAGS.dataset](), seed=seed))
+
+
 class Runner:
-    """Trains methods on prepared splits, compiling each (method, eta, data shape) once."""
+    """Trains methods, compiling each (method, eta, data shape) once; with checkpoints, a run
+    finished before an interruption is not trained again and an interrupted one continues."""
 
-    def __init__(self):
+    def __init__(self, checkpoints: common.Checkpointer):
         self.epoch_fns = {}
+        self.checkpoints = checkpoints
+        self.finished = {row.pop("run"): row for row in checkpoints.finished_runs()}
+        self.splits = functools.lru_cache(maxsize=1)(prepare)
 
-    def train(self, method, splits, seed, eta, progress):
+    def run(self, name: str, method: str, seed: int, eta: float | None, progress: Progress, *, evaluate_on: str):
+        """The result row of run ``name``: ``method`` trained on the seed's training split and
+        evaluated on its ``evaluate_on`` split ("val" or "test")."""
+        if name in self.finished:
+            progress.update(progress.done + FLAGS.epochs)
+            return self.finished[name]
+        splits = self.splits(seed)
+        start = time.perf_counter()
+        try:
+            solver, state = self.train(name, method, splits, seed, eta, progress)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"run {name}: {error}") from None
+        row = dict(method=method, seed=seed, eta=float("nan") if eta is None else eta,
+                   seconds=time.perf_counter() - start)
+        row.update(evaluate_split(solver, state, getattr(splits, evaluate_on)))
+        self.checkpoints.add_finished_run(dict(run=name, **row))
+        return row
+
+    def train(self, name, method, splits, seed, eta, progress):
         train = splits.train
         params, apply_fn = models.make_model(FLAGS.model, train.num_classes, train.num_features, jax.random.key(seed))
         steps_per_epoch = -(-len(train) // FLAGS.batch_size)
@@ -168,94 +217,90 @@ class Runner:
         if key not in self.epoch_fns:
             self.epoch_fns[key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=FLAGS.batch_size))
         solver, epoch_fn = self.epoch_fns[key]
-        state = solver.init(jax.random.key(seed + 1), params)
-        state, _ = fit(
+        state, _ = fit_resumable(
             solver,
-            state,
+            solver.init(jax.random.key(seed + 1), params),
             train.features,
             train.labels,
             train.groups,
+            checkpoints=self.checkpoints,
+            run=name,
+            progress=progress,
             epochs=FLAGS.epochs,
             batch_size=FLAGS.batch_size,
             key=jax.random.key(seed + 2),
             epoch_fn=epoch_fn,
-            on_epoch_end=lambda epoch, state, m: progress.advance(m),
         )
         return solver, state
 
 
-def prepare(seed: int) -> data.Splits:
-    return data.standardize(data.split(common.FAIRNESS_LOADERS[FLAGS.dataset](), seed=seed))
-
-
-def select_eta(runner, splits, seed, methods, grid):
+def select_eta(runner: Runner, seed: int, methods, grid):
     """Per-method eta on the validation split (see module docstring); returns choices and rows."""
     progress = Progress(f"eta-grid:{FLAGS.dataset}", (1 + len(grid) * len(methods)) * FLAGS.epochs,
                         every=FLAGS.epochs)
-    solver, state = runner.train("unconstrained", splits, seed, None, progress)
-    reference = evaluate_split(solver, state, splits.val)
-    rows = [dict(method="unconstrained", eta=float("nan"), **reference)]
+    reference = runner.run("grid_unconstrained", "unconstrained", seed, None, progress, evaluate_on="val")
+    rows = [reference]
     choices = {}
     for method in methods:
         candidates = []
         for eta in grid:
-            solver, state = runner.train(method, splits, seed, eta, progress)
-            val = evaluate_split(solver, state, splits.val)
-            rows.append(dict(method=method, eta=eta, **val))
+            val = runner.run(f"grid_{method}_eta{eta!r}", method, seed, eta, progress, evaluate_on="val")
+            rows.append(val)
             print(f"[eta-grid {method} eta={eta:g}] val accuracy={val['accuracy']:.4f} deo={val['deo_gap']:.4f}",
                   file=sys.stderr, flush=True)
             candidates.append((eta, val))
         admissible = [c for c in candidates if c[1]["accuracy"] >= reference["accuracy"] - FLAGS.max_accuracy_drop]
         pool = admissible or [max(candidates, key=lambda c: c[1]["accuracy"])]
         choices[method] = min(pool, key=lambda c: c[1]["deo_gap"])[0]
-    return choices, reference, rows
+    return choices, rows
 
 
 def main(argv):
-    del argv
-    seeds = common.parse_seeds(FLAGS.seeds)
-    stem = f"fairalm_{FLAGS.dataset}"
-    existing = [str(p) for p in Path(FLAGS.output_dir).glob(f"{stem}*") if p.suffix in (".json", ".csv", ".md")]
-    if existing and not FLAGS.overwrite:
-        raise app.UsageError(f"results exist: {', '.join(sorted(existing))}; pass --overwrite or another --output_dir")
-    methods = list(dict.fromkeys(FLAGS.method))
-    grid = [float(v) for v in FLAGS.eta_grid]
-    runner = Runner()
+    seeds, methods, grid, stem, checkpoints = setup(argv)
+    common.enable_compilation_cache()
+    try:
+        rows, etas, grid_rows, total_seconds = train_all(Runner(checkpoints), seeds, methods, grid)
+    except NonFiniteError as error:
+        print(f"FATAL {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    write(rows, etas, grid_rows, total_seconds, seeds, methods, stem)
+
+
+def train_all(runner: Runner, seeds, methods, grid):
+    """The eta selection (with a grid), then every (seed, method): ``(rows, etas, grid rows, seconds)``."""
     start_all = time.perf_counter()
     etas = {m: FLAGS.eta for m in ETA_METHODS}
-    grid_rows, reference = [], None
+    grid_rows = []
     tuned = [m for m in methods if m in ETA_METHODS]
-    if grid and tuned:
-        chosen, reference, grid_rows = select_eta(runner, prepare(seeds[0]), seeds[0], tuned, grid)
+    if grid:
+        chosen, grid_rows = select_eta(runner, seeds[0], tuned, grid)
         etas.update(chosen)
         print(f"chosen eta per method (validation, seed {seeds[0]}): {chosen}", file=sys.stderr, flush=True)
     rows = []
     progress = Progress(f"fairalm:{FLAGS.dataset}", len(seeds) * len(methods) * FLAGS.epochs, every=FLAGS.epochs)
     for seed in seeds:
-        splits = prepare(seed)
         for method in methods:
-            eta = etas.get(method)
-            start = time.perf_counter()
-            solver, state = runner.train(method, splits, seed, eta, progress)
-            seconds = time.perf_counter() - start
-            row = dict(method=method, seed=seed, eta=eta if eta is not None else float("nan"), seconds=seconds)
-            row.update(evaluate_split(solver, state, splits.test))
+            row = runner.run(f"{method}_seed{seed}", method, seed, etas.get(method), progress, evaluate_on="test")
             rows.append(row)
             print(
-                f"[{method} seed={seed}] accuracy={row['accuracy']:.4f} deo={row['deo_gap']:.4f} ({seconds:.1f}s)",
+                f"[{method} seed={seed}] accuracy={row['accuracy']:.4f} deo={row['deo_gap']:.4f} ({row['seconds']:.1f}s)",
                 file=sys.stderr,
                 flush=True,
             )
+    return rows, etas, grid_rows, time.perf_counter() - start_all
+
+
+def write(rows, etas, grid_rows, total_seconds, seeds, methods, stem):
+    """The summary table (printed) and the results files."""
     fnr_columns = [k for k in rows[0] if k.startswith("fnr_")]
     columns = ["accuracy", "deo_gap", *fnr_columns, "dp_gap", "eo_gap", "seconds"]
     summary = common.summarize(rows, by="method", columns=columns)
-    total_seconds = time.perf_counter() - start_all
     lines = [
         f"# FairALM baselines on {FLAGS.dataset} (constraint {'+'.join(FLAGS.constraint)}; "
         f"{len(seeds)} seeds: {', '.join(map(str, seeds))})\n",
         f"eta per method: {', '.join(f'{m}={etas[m]:g}' for m in methods if m in ETA_METHODS) or 'n/a'}; "
         f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, {FLAGS.optimizer} lr {FLAGS.learning_rate:g}, "
-        f"FairALM inner steps {FLAGS.inner_steps}; total wall time {total_seconds:.0f} s\n",
+        f"FairALM inner steps {FLAGS.inner_steps}; wall time of this process {total_seconds:.0f} s\n",
         common.markdown_table(summary, columns),
     ]
     if "unconstrained" in summary.index and "fairalm" in summary.index:
@@ -273,7 +318,7 @@ def main(argv):
             lines.append(f"| {r['method']} | {r['eta']:g} | {r['accuracy']:.4f} | {r['deo_gap']:.4f} |\n")
     markdown = "".join(lines)
     config = dict(
-        flags={name: FLAGS[name].value for name in FLAGS if name in FLAG_NAMES},
+        flags={name: FLAGS[name].value for name in sorted(_OWN_FLAGS)},
         eta_per_method={m: etas[m] for m in methods if m in ETA_METHODS},
         eta_grid_rows=grid_rows,
         total_seconds=total_seconds,
@@ -284,12 +329,6 @@ def main(argv):
     print(markdown)
     print(f"wrote {', '.join(str(p) for p in targets.values())}", file=sys.stderr)
 
-
-FLAG_NAMES = (
-    "dataset", "method", "constraint", "eta", "eta_grid", "max_accuracy_drop", "eta_growth", "inner_steps",
-    "surrogate", "seeds", "epochs", "batch_size", "optimizer", "learning_rate", "model", "dro_step_size",
-    "output_dir", "overwrite",
-)
 
 if __name__ == "__main__":
     app.run(main)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,19 @@ class Solver(NamedTuple):
 
 class NonFiniteError(FloatingPointError):
     """Raised when a loss or parameter becomes NaN or infinite during training."""
+
+
+class CheckpointStore(Protocol):
+    """Where a resumable training loop keeps its state (e.g. ``experiments.common.Checkpointer``).
+
+    ``restore(run, like)`` returns ``(epochs done, state)`` of the last checkpoint of ``run``
+    shaped like ``like`` (``(0, like)`` if there is none); ``save(run, epoch, state)`` is called
+    after every epoch and decides itself whether to write.
+    """
+
+    def restore(self, run: str, like: PyTree) -> tuple[int, PyTree]: ...
+
+    def save(self, run: str, epoch: int, state: PyTree) -> None: ...
 
 
 def shuffled_batch_indices(key: jax.Array, num_rows: int, batch_size: int):
@@ -164,7 +177,8 @@ def fit(
       The final state and the per-epoch metrics (floats).
 
     Raises:
-      NonFiniteError: if the epoch metrics or the state stop being finite.
+      NonFiniteError: if the epoch metrics or the state stop being finite (checked after every
+        epoch, before ``on_epoch_end``, so a checkpoint saved there is always finite).
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -180,13 +194,54 @@ def fit(
         state, metrics = epoch_fn(state, x, y, groups, jax.random.fold_in(key, epoch))
         metrics = {k: float(v) for k, v in metrics.items()}
         check_finite(metrics, what="training metric ", epoch=epoch)
+        check_finite(state, what="solver state ", epoch=epoch)
         history.append(metrics)
         if progress is not None:
             progress.update(epoch, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch, state, metrics)
-    check_finite(state, what="solver state ", epoch=epochs)
     return state, history
+
+
+def fit_resumable(
+    solver: Solver,
+    state: PyTree,
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    checkpoints: CheckpointStore | None,
+    run: str,
+    progress: Progress | None = None,
+    **fit_kwargs,
+) -> tuple[PyTree, list[dict]]:
+    """:func:`fit` continued from the last checkpoint of ``run`` and checkpointed after every epoch.
+
+    Args:
+      solver, state, x, y, groups: as in :func:`fit` (``state`` is the fresh initial state; it
+        also gives the structure that the checkpoint must match).
+      checkpoints: a :class:`CheckpointStore`, or None for a plain :func:`fit`.
+      run: the name of this training run in ``checkpoints``.
+      progress: a :class:`Progress` shared by several runs: advanced once per epoch; the epochs
+        restored from the checkpoint count as done.
+      **fit_kwargs: ``epochs``, ``batch_size``, ``key``, ``epoch_fn`` of :func:`fit`.
+
+    Returns:
+      The final state and the metrics of the epochs trained by this call.
+    """
+    done = 0
+    if checkpoints is not None:
+        done, state = checkpoints.restore(run, state)
+    if progress is not None and done:
+        progress.update(progress.done + done)
+
+    def on_epoch_end(epoch, state, metrics):
+        if checkpoints is not None:
+            checkpoints.save(run, epoch, state)
+        if progress is not None:
+            progress.advance(metrics)
+
+    return fit(solver, state, x, y, groups, start_epoch=done, on_epoch_end=on_epoch_end, **fit_kwargs)
 
 
 def predict_in_batches(predict: Callable, state: PyTree, x: np.ndarray, *, batch_size: int = 8192):

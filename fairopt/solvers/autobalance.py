@@ -91,7 +91,16 @@ import optax
 from fairopt import augment as augment_lib
 from fairopt import hparams as hparams_lib
 from fairopt import implicit, losses
-from fairopt.train import Batch, Progress, Solver, check_finite, fit, make_epoch_fn, shuffled_batch_indices
+from fairopt.train import (
+    Batch,
+    CheckpointStore,
+    Progress,
+    Solver,
+    check_finite,
+    fit_resumable,
+    make_epoch_fn,
+    shuffled_batch_indices,
+)
 
 SEARCH_SPACES = hparams_lib.SEARCH_SPACES  # ("la_tau", "shift", "scale", "shift_scale", "weight")
 INITS = hparams_lib.INITS  # ("ones", "zeros", "la", "cdt", "vs")
@@ -597,6 +606,9 @@ def autobalance(
     )
 
 
+SEARCH_METRICS = ("loss", "upper_steps", "val_objective", "hypergrad_norm")  # of a search epoch
+
+
 def make_search_epoch_fn(step: Callable, *, num_rows: int, batch_size: int) -> Callable:
     """Compile one search epoch: shuffled minibatches of the search-train split, ``lax.scan``.
 
@@ -639,6 +651,22 @@ def hparam_snapshot(solver: AutoBalanceSolver, hparams: AutoBalanceHparams) -> d
     }
 
 
+class SearchCheckpoint(NamedTuple):
+    """What the search phase saves after an epoch, so that a resumed search also has the
+    trajectory and the metrics of the epochs before the interruption.
+
+    Attributes:
+      state: the search state.
+      trajectory: ``{name: [epochs + 1, ...]}`` effective loss parameters (:func:`hparam_snapshot`)
+        after each epoch, row 0 at the init (rows after the last epoch done are zeros).
+      history: ``{metric: [epochs]}`` the :data:`SEARCH_METRICS` of each epoch (NaN until done).
+    """
+
+    state: AutoBalanceState
+    trajectory: dict
+    history: dict
+
+
 class AutoBalanceResult(NamedTuple):
     """Output of :func:`search_and_retrain`.
 
@@ -648,7 +676,8 @@ class AutoBalanceResult(NamedTuple):
       search_solver, retrain_solver: the two solvers.
       trajectory: one dict per search epoch (``epoch`` from 0 = init, and the effective
         ``weight``, ``shift``, ``delta``, ``radius`` arrays) — the paper's Fig. 3 data.
-      search_history, retrain_history: per-epoch metrics of the two phases.
+      search_history, retrain_history: per-epoch metrics of the two phases (the retrain
+        history holds only the epochs trained after the last restored checkpoint).
       search_state: the state at the end of the search phase (its model is trained on the
         search-train split only).
     """
@@ -689,6 +718,8 @@ def search_and_retrain(
     retrain: bool = True,
     progress: Progress | None = None,
     cache: dict | None = None,
+    checkpoints: CheckpointStore | None = None,
+    run: str = "autobalance",
 ) -> AutoBalanceResult:
     """Algorithm 1 end to end: search ``alpha`` on (train, val), then retrain on train ∪ val.
 
@@ -707,6 +738,12 @@ def search_and_retrain(
       cache: optional dict in which the solvers and compiled epochs are kept, keyed by
         ``(apply_fn, config, counts, shapes)``: runs with equal keys (e.g. other seeds of the same
         protocol) reuse the compiled functions instead of compiling again.
+      checkpoints: optional :class:`fairopt.train.CheckpointStore` (e.g.
+        ``experiments.common.Checkpointer``): each phase continues from its last checkpoint
+        (runs ``<run>_search``, a :class:`SearchCheckpoint`, and ``<run>_retrain``) and offers
+        one after every epoch, so an interrupted call repeated with the same arguments ends with
+        the same result.
+      run: the name prefix of this call's checkpoints.
 
     Returns:
       :class:`AutoBalanceResult`.
@@ -749,19 +786,41 @@ def search_and_retrain(
     solver, epoch_fn = cache[search_cache_key]
     state = solver.init(search_key, init_params(init_key_1))
     data = HyperData(*(jnp.asarray(a) for a in (train_x, train_y, train_g, val_x, val_y, val_g)))
-    trajectory = [dict(epoch=0, **hparam_snapshot(solver, state.hparams))]
-    history = []
-    for epoch in range(1, config.epochs + 1):
+    initial = hparam_snapshot(solver, state.hparams)
+    saved = SearchCheckpoint(
+        state,
+        {name: np.zeros((config.epochs + 1,) + value.shape, value.dtype) for name, value in initial.items()},
+        {name: np.full(config.epochs, np.nan, np.float32) for name in SEARCH_METRICS},
+    )
+    for name, value in initial.items():
+        saved.trajectory[name][0] = value
+    done = 0
+    if checkpoints is not None:
+        done, saved = checkpoints.restore(f"{run}_search", saved)
+    if progress is not None and done:
+        progress.update(progress.done + done)
+    state = saved.state
+    trajectory = {name: np.array(value) for name, value in saved.trajectory.items()}  # writable copies
+    history = {name: np.array(value) for name, value in saved.history.items()}
+    for epoch in range(done + 1, config.epochs + 1):
         state, metrics = epoch_fn(state, data, jax.random.fold_in(epoch_key, epoch))
         metrics = {k: float(v) for k, v in metrics.items()}
         check_finite({"loss": metrics["loss"]}, what="search loss ", epoch=epoch)
-        check_finite(state.hparams, what="loss hyperparameters ", epoch=epoch)
-        history.append(metrics)
-        trajectory.append(dict(epoch=epoch, **hparam_snapshot(solver, state.hparams)))
+        check_finite(state, what="search state ", epoch=epoch)
+        for name, value in hparam_snapshot(solver, state.hparams).items():
+            trajectory[name][epoch] = value
+        for name in SEARCH_METRICS:
+            history[name][epoch - 1] = metrics[name]
+        if checkpoints is not None:
+            checkpoints.save(f"{run}_search", epoch, SearchCheckpoint(state, trajectory, history))
         if progress is not None:
             progress.advance({k: v for k, v in metrics.items() if k in ("loss", "val_objective")})
-    check_finite(state, what="search state ", epoch=config.epochs)
     search_state = state
+    trajectory = [
+        dict(epoch=epoch, **{name: values[epoch] for name, values in trajectory.items()})
+        for epoch in range(config.epochs + 1)
+    ]
+    history = [{name: float(values[epoch]) for name, values in history.items()} for epoch in range(config.epochs)]
     if not retrain:
         return AutoBalanceResult(state, state.hparams, solver, None, trajectory, history, [], search_state)
 
@@ -778,15 +837,17 @@ def search_and_retrain(
         )
     retrainer, retrain_epoch_fn = cache[retrain_cache_key]
     retrain_state = retrainer.init(retrain_key, init_params(init_key_2), hparams=search_state.hparams)
-    retrain_state, retrain_history = fit(
+    retrain_state, retrain_history = fit_resumable(
         retrainer,
         retrain_state,
         *full,
+        checkpoints=checkpoints,
+        run=f"{run}_retrain",
+        progress=progress,
         epochs=config.epochs,
         batch_size=config.batch_size,
         key=jax.random.fold_in(epoch_key, config.epochs + 1),
         epoch_fn=retrain_epoch_fn,
-        on_epoch_end=(lambda e, s, m: progress.advance(m)) if progress is not None else None,
     )
     return AutoBalanceResult(
         retrain_state, search_state.hparams, solver, retrainer, trajectory, history, retrain_history, search_state
