@@ -22,7 +22,8 @@ from typing import Iterable, Mapping, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")  # before pyplot: no display on the machines this runs on
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402  # before pyplot: no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -271,7 +272,7 @@ def plot_facims_boxes(runs: pd.DataFrame, path: Path, *, title: str, paper: Mapp
         color = colors[method]
         ax.add_patch(plt.Rectangle((mx - sx, my - sy), 2 * sx, 2 * sy, facecolor=color, alpha=0.25, edgecolor=color, lw=1.5))
         ax.plot(x, y, "o", color=color, ms=4, alpha=0.8)
-        ax.plot([mx], [my], "s", color=color, ms=7, label=f"{FACIMS_LABELS.get(method, method)} ({len(rows)} runs)")
+        ax.plot([mx], [my], "s", color=color, ms=7, label=f"{FACIMS_LABELS.get(method, method)} ({len(rows)} run{'s' if len(rows) != 1 else ''})")
         if paper and method in paper:
             px, py = paper[method]["balanced_accuracy"], paper[method][sgap]
             qx = (paper_std or {}).get(method, {}).get("balanced_accuracy", 0.0)
@@ -482,6 +483,7 @@ def plot_trajectory(trajectory: pd.DataFrame, path: Path, *, title: str, cluster
             ax.axvline(round(warmup_fraction * last_epoch), color="gray", ls=":", lw=1)
         ax.set_title(method.replace("AutoBalance: ", "search space: "))
         ax.set_xlabel("search epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel({("delta",): "Δ = σ(d) (unitless)", ("shift",): "l (logit units)"}.get(params, "Δ (solid), l (dashed)"))
         ax.grid(True, alpha=0.3)
     for ax in axes.ravel()[len(panels):]:
@@ -737,13 +739,21 @@ FAIRALM_LABELS = {"unconstrained": "unconstrained", "l2_penalty": "ℓ2 penalty"
 
 
 def plot_profile(profile: pd.DataFrame, path: Path, *, title: str) -> Path:
-    """FairALM Fig. 2 (left) / Fig. 5: test DEO and test error per epoch, mean ± std over seeds."""
+    """FairALM Fig. 2 (left) / Fig. 5: test DEO and test error per epoch, mean ± std over seeds.
+
+    The error panel starts at epoch 1 when the untrained model's error (epoch 0) lies outside the
+    trained epochs' range (it would squash their differences); its value is given in the title."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = [m for m in FAIRALM_ORDER if m in set(profile["method"])] + sorted(set(profile["method"]) - set(FAIRALM_ORDER))
     colors = dict(zip(methods, _color_cycle(len(methods))))
-    for ax, column, label in ((axes[0], "deo_gap", "test DEO |TPR_0 − TPR_1|"), (axes[1], "error", "test error (1 − accuracy)")):
+    trained = profile[profile["epoch"] > 0]
+    start = float(profile.loc[profile["epoch"] == 0, "error"].mean()) if (profile["epoch"] == 0).any() else float("nan")
+    skip_start = len(trained) > 0 and np.isfinite(start) and not (trained["error"].min() <= start <= trained["error"].max())
+    error_title = f"error per epoch (epoch 0: {start:.2f}, not shown)" if skip_start else "error per epoch"
+    for ax, column, label in ((axes[0], "deo_gap", "test DEO |TPR_0 − TPR_1|"), (axes[1], "error", "test error, 1 − accuracy (fraction)")):
+        frame = trained if (column == "error" and skip_start) else profile
         for method in methods:
-            rows = profile[profile["method"] == method]
+            rows = frame[frame["method"] == method]
             stats = rows.groupby("epoch")[column].agg(["mean", lambda s: s.std(ddof=0)])
             stats.columns = ["mean", "std"]
             eta = rows["eta"].dropna().unique() if "eta" in rows.columns else []
@@ -751,13 +761,14 @@ def plot_profile(profile: pd.DataFrame, path: Path, *, title: str) -> Path:
             ax.plot(stats.index, stats["mean"], "-o", ms=3, color=colors[method], label=name)
             ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=colors[method], alpha=0.15)
         ax.set_xlabel("epoch (0: initialisation)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     axes[0].set_title("DEO per epoch (lower is fairer)")
-    axes[1].set_title("error per epoch")
+    axes[1].set_title(error_title)
     axes[0].legend(loc="best")
     seeds = profile["seed"].nunique()
-    fig.suptitle(f"{title} (mean ± std over {seeds} seed{'s' if seeds > 1 else ''})")
+    fig.suptitle(f"{title} (mean ± std over {seeds} seeds)" if seeds > 1 else f"{title} (1 seed)")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -785,7 +796,7 @@ def build_fairalm(runs: pd.DataFrame, profile: pd.DataFrame | None, *, dataset: 
         acc, _, _ = _value(summary, "fairalm", "accuracy")
         deo, _, _ = _value(summary, "fairalm", "deo_gap")
         cut = 1 - deo / base_deo if base_deo > 0 else float("nan")
-        comparisons.append(f"{dataset}: FairALM vs unconstrained: DEO {base_deo:.3f} → {deo:.3f} ({cut * 100:+.1f} % cut), "
+        comparisons.append(f"{dataset}: FairALM vs unconstrained: DEO {base_deo:.3f} → {deo:.3f} (cut by {cut * 100:.1f} %), "
                            f"accuracy {base_acc:.3f} → {acc:.3f} ({(acc - base_acc) * 100:+.2f} points); the project's "
                            f"target (≥ 70 % cut, ≤ 2 points lost): {'met' if cut >= 0.7 and acc - base_acc >= -0.02 else 'not met'}.")
     if "fairalm" in summary.index and "deo_gap_mean" in summary.columns:

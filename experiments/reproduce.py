@@ -161,7 +161,7 @@ NOTES = {
     ],
     "fairalm_celeba": [
         "The paper trains a ResNet-18 on CelebA images for ~100 epochs; here an MLP on the 39 attribute "
-        "features (target Attractive, protected Male) for 2 epochs: the paper column is for orientation only.",
+        "features (target Attractive, protected Male) for a few epochs: the paper column is for orientation only.",
         "η is chosen per method on the validation split of the first seed (smallest validation DEO within 2 "
         "accuracy points of unconstrained, else the most accurate η), a variant of the paper's NVP rule; "
         "the official η = 20 (images) is far too large for tabular batches.",
