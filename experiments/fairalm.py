@@ -115,6 +115,10 @@ def setup(argv):
                 raise ValueError(f"--{name} must be > 0, got {FLAGS[name].value}")
         stem = f"fairalm_{FLAGS.dataset}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
+        try:  # the data are there and readable (parsed once: the CSV is cached for the runs)
+            common.FAIRNESS_LOADERS[FLAGS.dataset]()
+        except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
+            raise ValueError(f"--dataset={FLAGS.dataset}: {error}") from None
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
