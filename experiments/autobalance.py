@@ -409,9 +409,8 @@ def run_dataset(dataset_name: str, rows, seeds, settings: Settings, *, imbalance
                 # Its last good checkpoint stays on disk.
                 seconds = time.perf_counter() - start
                 print(f"[{dataset_name} {row.name} seed={seed}] DIVERGED: {error}", file=sys.stderr, flush=True)
-                result = dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=1)
-                predict, trajectory = None, []
-            if predict is not None:
+                result, trajectory = dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=1), []
+            else:
                 seconds = time.perf_counter() - start
                 scores = evaluate(predict_in_batches(predict, state, prepared.test.features), prepared.test)
                 result = dict(dataset=dataset_name, method=row.name, seed=seed, seconds=seconds, diverged=0, **scores, **extra)
