@@ -54,6 +54,7 @@ class TorchFacimsConfig:
     noise_scale: float = 0.08
     log_std_range: tuple[float, float] = (-7.0, 2.0)
     tau: float = 1.0
+    common_noise: bool = False  # every group uses the same Monte-Carlo noise in a middle step
 
     @classmethod
     def from_fairopt(cls, config) -> "TorchFacimsConfig":
@@ -64,8 +65,10 @@ class TorchFacimsConfig:
             raise ValueError("the PyTorch peer implements per-class v, all groups, validation_loss='vs_bar' only")
         if config.sharpness_scaling != "uniform":
             raise ValueError("the PyTorch peer implements sharpness_scaling='uniform' only")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{name: getattr(config, name) for name in names})
+        names = {f.name for f in dataclasses.fields(cls)} - {"common_noise"}
+        values = {name: getattr(config, name) for name in names}
+        # fairopt's option (independent draws per group before it existed)
+        return cls(common_noise=bool(getattr(config, "common_noise", False)), **values)
 
 
 LAYER_ORDER = ("kernel", "bias")
@@ -245,27 +248,43 @@ class TorchFacims:
 
     # -- one round --
 
-    def epoch(self):
-        """One round (fairopt's ``step``): middle steps per group, then upper steps. Returns metrics."""
+    def epoch(self, draws=None):
+        """One round (fairopt's ``step``): middle steps per group, then upper steps. Returns metrics.
+
+        ``draws`` (for checks) replaces the random batches and noise: ``draws["middle"][step][group]
+        = (x, y, noises)`` and ``draws["upper"][step] = (val_batches [per group (x, y)], global_noises)``,
+        with ``noises`` a list over Monte-Carlo draws of lists of tensors shaped like the weights.
+        """
         c = self.config
+        if draws is None and c.common_noise:  # one noise per middle step, shared by every group
+            shared = [self._noise(self.global_q, c.num_mc) for _ in range(c.middle_steps)]
         middle_losses, last_draws = [], []
         for group in range(self.num_groups):  # the official code's loop over tasks
             local_q, optimizer = self.local_qs[group], self.local_opts[group]
-            for _ in range(c.middle_steps):
-                x, y = self._batch(self.train_groups[group], self.batch_size)
-                noises = self._noise(local_q, c.num_mc)
+            for step in range(c.middle_steps):
+                if draws is not None:
+                    x, y, noises = draws["middle"][step][group]
+                else:
+                    x, y = self._batch(self.train_groups[group], self.batch_size)
+                    noises = shared[step] if c.common_noise else self._noise(local_q, c.num_mc)
                 loss = self.middle_step(local_q, optimizer, x, y, noises)
             middle_losses.append(loss)
             last_draws.append((x, y, noises[: c.hypergradient_samples]))
         for group_opt in self.global_opt.param_groups:
             group_opt["lr"] = c.global_learning_rate * c.global_decay**self.rounds
-        for _ in range(c.upper_steps):
-            global_noises = self._noise(self.global_q, c.num_mc)
+        for step in range(c.upper_steps):
+            if draws is not None:
+                val_batches, global_noises = draws["upper"][step]
+            else:
+                global_noises = self._noise(self.global_q, c.num_mc)
             sum_global = [torch.zeros_like(t) for t in self.global_q]
             sum_vs = [torch.zeros_like(t) for t in self.vs_params]
             values = []
             for group in range(self.num_groups):
-                xv, yv = self._batch(self.val_groups[group], self.val_batch_size)
+                if draws is not None:
+                    xv, yv = val_batches[group]
+                else:
+                    xv, yv = self._batch(self.val_groups[group], self.val_batch_size)
                 x, y, noises = last_draws[group]
                 grad_global, grad_vs, value = self.group_hypergradient(
                     self.local_qs[group], x, y, noises, xv, yv, global_noises

@@ -16,9 +16,13 @@ Measured in one process, so load on this shared machine hits both:
 * time to the first finished epoch: fairopt with the persistent compilation cache off (trace +
   lower + XLA compile + run) and again with the cache on (fairopt's experiment setting; a hit
   when an earlier run left the entry, else a compile that writes it); PyTorch's first epoch;
-* ``--epochs`` steady-state epochs of each, alternating (fairopt, torch, torch, fairopt, ...),
-  timed with ``jax.block_until_ready``; the median of each and the ratio torch / fairopt (also
-  the median of the per-pair ratios, which cancels slow drifts of the load);
+* ``--epochs`` steady-state epochs of each, alternating (fairopt, torch, torch at 1 thread, then
+  the reverse order, ...), timed with ``jax.block_until_ready``; the median of each and the ratio
+  torch / fairopt (also the median of the per-pair ratios, which cancels slow drifts of the load).
+  PyTorch runs with ``torch.set_num_threads(--num_threads)`` (2: the cores JAX's thread pool
+  uses) and, as the conservative baseline, also at 1 thread: on this shared, oversubscribed
+  machine its 2-thread epochs are slower than its 1-thread ones (OpenMP barriers wait for
+  descheduled threads; ``--omp_wait_policy`` PASSIVE, the default here, limits the damage);
 * matmul FLOPs of one epoch: counted exactly in fairopt's traced program (every
   ``dot_general`` times the trip count of the ``scan`` loops around it), in PyTorch by
   ``torch.utils.flop_counter.FlopCounterMode`` over one epoch, and a rough analytic estimate;
@@ -66,6 +70,11 @@ flags.DEFINE_string("compilation_cache", "", "Persistent compilation cache folde
 flags.DEFINE_bool("smoke", False, "Small MLP (32-16) and 2 middle / 1 upper / 2 Neumann steps, n_MC 2: a fast run.")
 flags.DEFINE_bool("torch_single_thread", True, "Also time PyTorch at 1 thread (alternating with the others): "
                   "on a loaded machine its 2-thread epochs can be far slower than its 1-thread ones.")
+flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],
+                 "OMP_WAIT_POLICY for PyTorch's OpenMP threads, set before torch is imported unless the environment "
+                 "already sets it ('default': libgomp's spin-then-sleep). On this shared, oversubscribed 2-core "
+                 "machine one 2-thread PyTorch epoch took 345 s with libgomp's default, 30-40 s with PASSIVE and "
+                 "12 s at 1 thread (measured).")
 flags.DEFINE_bool("check", True, "Compare one middle step and one hypergradient of both implementations first.")
 
 
@@ -231,6 +240,27 @@ def atomic_write_json(path: Path, payload) -> None:
             temporary.unlink()
 
 
+def source_info() -> dict:
+    """Git commit of the work tree and a hash of the FACIMS solver file as run (it may be edited)."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    solver = root / "fairopt" / "solvers" / "facims.py"
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {
+        "git_head": git("rev-parse", "HEAD"),
+        "facims_py_sha256": hashlib.sha256(solver.read_bytes()).hexdigest() if solver.exists() else None,
+        "facims_py_modified_vs_head": bool(git("status", "--porcelain", "--", str(solver))),
+    }
+
+
 def log(message: str) -> None:
     print(f"[peer_facims {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -328,6 +358,68 @@ def check_same_arithmetic(jax, jnp, torch, tf, splits, original_train, protocol:
     }
 
 
+def draws_like_fairopt(jax, torch, tf, state, train, val, config, batch_size: int):
+    """The batches and noise that ``facims(...).step(state, (train, val))`` draws, as torch tensors.
+
+    Mirrors the key streams of ``fairopt.solvers.facims`` (round key -> middle / upper keys ->
+    per step (batch key, noise key)); if fairopt changes them, the round check below reports a
+    large error without any arithmetic being wrong.
+    """
+    import numpy as np
+
+    from fairopt import posterior
+    from fairopt.data.batching import sample_group_batch
+
+    num_groups = int(train.count.shape[0])
+    _, round_key = jax.random.split(state.key)
+    middle_key, upper_key, _, _ = jax.random.split(round_key, 4)
+    middle_keys = jax.random.split(middle_key, (config.middle_steps, 2))
+    upper_keys = jax.random.split(upper_key, (config.upper_steps, 2))
+    one_group_q = jax.tree_util.tree_map(lambda leaf: leaf[0], state.local_posteriors)
+    common = getattr(config, "common_noise", False)
+    tensor = lambda a, dtype=torch.float32: torch.tensor(np.asarray(a), dtype=dtype)  # noqa: E731
+    draws_list = lambda noise: [[tensor(a[i]) for a in tf.from_flax_params(noise)] for i in range(config.num_mc)]  # noqa: E731
+    middle = []
+    for m in range(config.middle_steps):
+        batch = sample_group_batch(middle_keys[m, 0], train, batch_size)
+        if common:
+            noises = [draws_list(posterior.standard_normal_like(middle_keys[m, 1], one_group_q, config.num_mc))] * num_groups
+        else:
+            stacked = jax.vmap(lambda k: posterior.standard_normal_like(k, one_group_q, config.num_mc))(
+                jax.random.split(middle_keys[m, 1], num_groups)
+            )
+            noises = [draws_list(jax.tree_util.tree_map(lambda leaf: leaf[g], stacked)) for g in range(num_groups)]
+        middle.append([(tensor(batch.x[g]), tensor(batch.y[g], torch.long), noises[g]) for g in range(num_groups)])
+    upper = []
+    for u in range(config.upper_steps):
+        batch = sample_group_batch(upper_keys[u, 0], val, batch_size)
+        noise = posterior.standard_normal_like(upper_keys[u, 1], state.global_posterior, config.num_mc)
+        upper.append(([(tensor(batch.x[g]), tensor(batch.y[g], torch.long)) for g in range(num_groups)], draws_list(noise)))
+    return {"middle": middle, "upper": upper}
+
+
+def compare_states(tf, peer, state) -> dict:
+    """Relative errors of the PyTorch peer's state against a fairopt ``FacimsState``."""
+    import numpy as np
+
+    def rel(torch_tensors, arrays):
+        a = np.concatenate([np.ravel(t.detach().numpy()) for t in torch_tensors])
+        b = np.concatenate([np.ravel(np.asarray(x)) for x in arrays])
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    half = len(peer.global_q) // 2
+    groups = range(len(peer.local_qs))
+    local_mean = tf.from_flax_params(state.local_posteriors.mean)
+    local_log_std = tf.from_flax_params(state.local_posteriors.log_std)
+    return {
+        "global_mean": rel(peer.global_q[:half], tf.from_flax_params(state.global_posterior.mean)),
+        "global_log_std": rel(peer.global_q[half:], tf.from_flax_params(state.global_posterior.log_std)),
+        "local_means": rel([t for q in peer.local_qs for t in q[:half]], [a[g] for g in groups for a in local_mean]),
+        "local_log_stds": rel([t for q in peer.local_qs for t in q[half:]], [a[g] for g in groups for a in local_log_std]),
+        "vs_params": rel(peer.vs_params, [state.vs_params.shift, state.vs_params.log_scale]),
+    }
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -337,6 +429,8 @@ def main(argv):
     output = Path(FLAGS.output) if FLAGS.output else (
         DEFAULT_OUTPUT.with_name("peer_facims_smoke.json") if FLAGS.smoke else DEFAULT_OUTPUT
     )
+    if FLAGS.omp_wait_policy != "default":
+        os.environ.setdefault("OMP_WAIT_POLICY", FLAGS.omp_wait_policy)
     try:
         import torch
     except ImportError:
@@ -407,6 +501,8 @@ def main(argv):
         log(f"{name} round {row['round']} ({kind}): {seconds:.2f}s " +
             " ".join(f"{k}={row[k]:.4g}" for k in ("middle_loss", "upper_loss", "divergence")))
 
+    round_draws = draws_like_fairopt(jax, torch, tf, state, train, val, config, protocol.batch_size) if FLAGS.check else None
+
     # -- fairopt: first epoch, persistent cache off --
     log("fairopt: first epoch with the persistent compilation cache off (trace, lower, compile, run)")
     jax.clear_caches()
@@ -421,6 +517,22 @@ def main(argv):
     cold = {"trace_lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
             "first_run_s": finished - compiled_at, "first_epoch_s": finished - start}
     record("fairopt", metrics, finished - compiled_at, "first (cache off)")
+    if FLAGS.check:
+        log("check: one full round of the PyTorch peer on fairopt's batches and noise, from the same initial state")
+        round_peer = tf.TorchFacims(peer.config, tf.from_flax_params(params), original_train.class_counts,
+                                    peer.train_groups, peer.val_groups, batch_size=protocol.batch_size,
+                                    val_batch_size=protocol.batch_size, seed=seed)
+        round_metrics = round_peer.epoch(draws=round_draws)
+        check["round"] = {
+            "what": "one round at the benchmark's shapes from the same initial state and the same draws: "
+                    "relative error of the PyTorch state vs fairopt's",
+            **compare_states(tf, round_peer, state),
+            "fairopt_metrics": {k: float(v) for k, v in metrics.items()},
+            "torch_metrics": round_metrics,
+        }
+        check["torch_config"] = dataclasses.asdict(peer.config)
+        log("check: round " + ", ".join(f"{k}={v:.2e}" for k, v in check["round"].items() if isinstance(v, float)))
+        del round_peer, round_draws
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_cost_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -523,10 +635,13 @@ def main(argv):
         "environment": {
             "cpu_count": cores, "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch_num_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
             "python": platform.python_version(), "load_average_at_end": list(os.getloadavg()),
             "note": "JAX/XLA uses its default CPU thread pool (one thread per schedulable core).",
         },
         "check": check,
+        "fairopt_config": dataclasses.asdict(config),
+        "source": source_info(),
         "fairopt": {
             "first_epoch_cache_off": cold,
             "first_epoch_cache_on": cached,
@@ -586,7 +701,8 @@ def markdown_table(r) -> str:
         f"{p['num_features']}-{hidden}-{p['num_classes']} ELU, batch {p['batch_size']}/group, "
         f"{p['middle_steps']} middle + {p['upper_steps']} upper steps, n_MC {p['num_mc']}, "
         f"Neumann {p['inverse_terms']} terms (alpha {p['neumann_alpha']}), {p['hypergradient_samples']} MC draw(s) "
-        f"in the Hessian, float32; torch threads {r['environment']['torch_num_threads']}, "
+        f"in the Hessian, float32; torch threads {r['environment']['torch_num_threads']} "
+        f"(OMP_WAIT_POLICY {r['environment']['OMP_WAIT_POLICY']}), "
         f"{r['environment']['cpu_count']} cores; {len(f['steady_epoch_s'])} steady epochs each, alternating; "
         f"load average at the end {', '.join(f'{x:.1f}' for x in r['environment']['load_average_at_end'])}.",
         "",
@@ -643,6 +759,15 @@ def markdown_table(r) -> str:
             "Same-arithmetic check (" + c["model"] + ", same state, batch and noise; relative error "
             "torch vs fairopt): " + ", ".join(f"{k} {v:.1e}" for k, v in c.items() if isinstance(v, float)) + ".",
         ]
+        if c.get("round"):
+            lines += [
+                "",
+                f"Full-round check (benchmark shapes, same initial state, fairopt's batches and noise fed to PyTorch; "
+                f"relative error of the state after one round): "
+                + ", ".join(f"{k} {v:.1e}" for k, v in c["round"].items() if isinstance(v, float))
+                + "; losses fairopt " + " / ".join(f"{c['round']['fairopt_metrics'][k]:.6g}" for k in ("middle_loss", "upper_loss"))
+                + ", torch " + " / ".join(f"{c['round']['torch_metrics'][k]:.6g}" for k in ("middle_loss", "upper_loss")) + ".",
+            ]
     lines += [
         "",
         "Losses per round (different random draws, same initial model; a sanity check, not a comparison):",
