@@ -264,7 +264,7 @@ def plot_facims_boxes(runs: pd.DataFrame, path: Path, *, title: str, paper: Mapp
     are the paper's mean ± std."""
     methods = [m for m in FACIMS_METHODS if m in set(runs["method"])] + sorted(set(runs["method"]) - set(FACIMS_METHODS))
     colors = dict(zip(methods, _color_cycle(len(methods))))
-    fig, ax = plt.subplots(figsize=(8.5, 6.2))
+    fig, ax = plt.subplots(figsize=(8, 6))
     for method in methods:
         rows = runs[runs["method"] == method]
         x, y = rows["balanced_accuracy"].to_numpy(float), rows[sgap].to_numpy(float)
@@ -287,7 +287,7 @@ def plot_facims_boxes(runs: pd.DataFrame, path: Path, *, title: str, paper: Mapp
     ax.set_ylabel("sufficiency gap SGap, official estimator (lower is better)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", framealpha=0.9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
     return save_figure(fig, path)
 
 
@@ -748,7 +748,7 @@ def plot_profile(profile: pd.DataFrame, path: Path, *, title: str) -> Path:
     colors = dict(zip(methods, _color_cycle(len(methods))))
     trained = profile[profile["epoch"] > 0]
     start = float(profile.loc[profile["epoch"] == 0, "error"].mean()) if (profile["epoch"] == 0).any() else float("nan")
-    skip_start = len(trained) > 0 and np.isfinite(start) and not (trained["error"].min() <= start <= trained["error"].max())
+    skip_start = trained["epoch"].nunique() >= 2 and np.isfinite(start) and not (trained["error"].min() <= start <= trained["error"].max())
     error_title = f"error per epoch (epoch 0: {start:.2f}, not shown)" if skip_start else "error per epoch"
     for ax, column, label in ((axes[0], "deo_gap", "test DEO |TPR_0 − TPR_1|"), (axes[1], "error", "test error, 1 − accuracy (fraction)")):
         frame = trained if (column == "error" and skip_start) else profile
@@ -912,7 +912,8 @@ def _anchor(title: str) -> str:
 
 def section_markdown(*, suite: str, command: str, date: str, machine: Mapping[str, str], settings: Sequence[str],
                      steps: Sequence[str], body: str, comparisons: Sequence[str], notes: Sequence[str],
-                     wall_seconds: float | None = None, load_end: str | None = None, shortened: bool = False) -> str:
+                     wall_seconds: float | None = None, load_end: str | None = None, shortened: bool = False,
+                     experiment_seconds: float | None = None) -> str:
     """The Markdown of one suite's section (between the markers); ``shortened``: a run with
     fewer epochs than the protocol (a smoke run), flagged at the top."""
     lines = [f"## {SUITE_TITLES[suite]}", ""]
@@ -921,7 +922,9 @@ def section_markdown(*, suite: str, command: str, date: str, machine: Mapping[st
                   "they are not a reproduction.**", ""]
     lines += [
         f"* Command: `{command}`",
-        f"* Date: {date}" + (f"; wall time of this suite: {wall_seconds / 60:.1f} min" if wall_seconds is not None else ""),
+        f"* Date: {date}" + (f"; wall time of this invocation: {wall_seconds / 60:.1f} min" if wall_seconds is not None else "")
+        + (f"; the experiments' own run times add up to {experiment_seconds / 60:.1f} min (reused ones included, see below)"
+           if experiment_seconds is not None else ""),
         f"* Machine: {machine['cpu']}, {machine['cores']} cores, {machine['jax']}, Python {machine['python']}, {machine['os']}; "
         f"load average at the start {machine['load']}" + (f", at the end {load_end}" if load_end else "")
         + " (the machine is shared, so wall times are upper bounds)",

@@ -46,24 +46,31 @@ step whose results exist with the same command is reused, not retrained (``--ret
 training). Without ``--overwrite`` nothing existing is replaced (checked before any training);
 all files are written atomically.
 
-Estimated wall time with the default (full) settings on the 2-core AMD EPYC machine of this
-project, shared with other jobs (load average 4–7 during the measurements; from tiny timed runs
-with warm compilation caches plus the compile times measured cold; an idle machine is faster):
+Estimated wall time with the default (full) settings on this project's machine (2-core AMD EPYC,
+shared with other jobs), from timed tiny runs (``--seeds=0``, 1–3 epochs) plus the per-round
+times of the earlier full runs (docs/results_*.md): the first range is for a lightly loaded
+machine, the second for the load average 5–8 seen during development. Compilation is included
+(each FACIMS method and each alpha_low value compiles for 1–2 min the first time; compiled
+programs are cached in ~/.cache/fairopt/jax, so a rerun of the same code compiles less).
 
-====================== =========================================================== =========
-suite                  what                                                        estimate
-====================== =========================================================== =========
-facims_credit          30 runs x 50 rounds (table) + 12 runs (alpha_low sweep)      ~50 min
-facims_drug            3 seeds x (FACIMS + ERM + BERM), 50 rounds                   ~9 min
-autobalance_longtail   8 rows x 3 seeds x 2 datasets                                ~3 min
-autobalance_groups     8 rows x 3 seeds x 2 datasets + Pareto (5 lambdas x 4 curves) ~7 min
-fairalm_celeba         eta grid + 5 methods x 3 seeds, 2 epochs + 6-epoch profiles   ~6 min
-fairalm_adult          eta grid + 5 methods x 3 seeds, 4 epochs + 12-epoch profiles  ~10 min
-all                                                                                 ~85 min
-====================== =========================================================== =========
+====================== ============================================================= ============
+suite                  what                                                          estimate
+====================== ============================================================= ============
+facims_credit          FACIMS/ERM/BERM x 5 seeds, FACIMS-I/II/FAMS x 3 seeds,          65–95 min
+                       FACIMS x 4 alpha_low x 3 seeds; 50 rounds each
+facims_drug            FACIMS/ERM/BERM x 3 seeds, 50 rounds                            12–18 min
+autobalance_longtail   8 rows x 3 seeds x 2 datasets (60 / 30 epochs)                  4–6 min
+autobalance_groups     8 rows x 3 seeds x 2 datasets + Fig. 5 (5 lambdas x 4 curves)  8–12 min
+fairalm_celeba         eta grid + 5 methods x 3 seeds (2 epochs) + 6-epoch profiles    8–12 min
+fairalm_adult          eta grid + 5 methods x 3 seeds (4 epochs) + 12-epoch profiles   7–11 min
+all                                                                                    1 h 45 – 2 h 35
+====================== ============================================================= ============
 
-(see the ESTIMATES note in the final report of the reproduce issue for how these were timed;
-``--epochs_scale=0.04 --seeds=0`` runs every suite in a few minutes, with meaningless numbers.)
+That is over the ~70 min aimed for: the FACIMS tri-level rounds (~3 s each, 50 per run, 39 runs)
+dominate (~60 of the 65 min of facims_credit at light load). Cheaper, still at the papers'
+protocol per run: ``--alpha_lows=0.01,1`` (two sweep points instead of four, about −15 min).
+A smoke run of everything, ``--suite=all --seeds=0 --epochs_scale=0.04``, took 27 min (almost all
+compilation) at load 5–8; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -101,6 +108,9 @@ FAIRALM = {
                            eta_grid="0.01,0.03,0.1", profile_epochs=6),
 }
 PROFILE_METHODS = ("unconstrained", "l2_penalty", "lagrangian", "fairalm")
+# Wall-time estimates at full size (see the module docstring), printed when a suite starts.
+ESTIMATED_MINUTES = {"facims_credit": "65–95", "facims_drug": "12–18", "autobalance_longtail": "4–6",
+                     "autobalance_groups": "8–12", "fairalm_celeba": "8–12", "fairalm_adult": "7–11"}
 
 # Hand-written notes per suite: the known deviations, from docs/results_*.md (what the
 # generated comparison sentences cannot say by themselves).
@@ -399,6 +409,8 @@ def shown_command(step: Step, folder: Path) -> str:
 def run_step(step: Step, folder: Path) -> dict:
     """Run (or reuse) one step; returns its record (command, dates, seconds, commit, reused)."""
     state = step_state(step, folder)
+    if state == "stale" and not FLAGS.overwrite:
+        raise RuntimeError(f"{folder} holds results of another command; pass --overwrite to replace them")
     if state == "done" and not FLAGS.retrain:
         record = _read_record(folder) or {}
         print(f"[reproduce] {folder}: finished results with the same command exist; reused (--retrain to train again)",
@@ -544,7 +556,8 @@ def validate() -> list[str]:
             except ValueError:
                 raise app.UsageError(f"--{name} must be numbers, got {value!r}")
             if not (number >= low and (high is None or number <= high)) or number != number:
-                raise app.UsageError(f"--{name} values must be in [{low}, {high if high is not None else 'inf'}), got {value}")
+                raise app.UsageError(f"--{name} values must be " + (f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}")
+                                     + f", got {value}")
         if len(set(values)) != len(values):
             raise app.UsageError(f"--{name} has repeated values: {values}")
     if FLAGS.retrain and not FLAGS.overwrite:
@@ -623,6 +636,7 @@ def run_suite(plan: Plan, docs: Path, command: str) -> None:
         suite=suite, command=command, date=date, machine=machine, settings=plan.settings, steps=steps_md,
         body=built.markdown, comparisons=built.comparisons, notes=NOTES[suite],
         wall_seconds=time.perf_counter() - start, load_end=report.machine_info()["load"],
+        experiment_seconds=sum(record.get("seconds") or 0.0 for _, record in records),
         shortened=FLAGS.epochs is not None or FLAGS.epochs_scale != 1.0,
     )
     write_docs(docs, suite, section)
@@ -648,16 +662,25 @@ def main(argv):
     plans = [PLANNERS[suite](suite) for suite in suites]
     refuse_existing(plans, docs)
     command = "python -m experiments.reproduce " + " ".join(sys.argv[1:])
+    failed = []
     for plan in plans:
+        minutes = ESTIMATED_MINUTES[plan.suite]
+        scaled = FLAGS.epochs is not None or FLAGS.epochs_scale != 1.0 or FLAGS.seeds
+        print(f"[reproduce] suite {plan.suite}: " + (f"estimated {minutes} min at full size on a shared 2-core CPU"
+              if not scaled else "non-default seeds/epochs: no estimate"), file=sys.stderr, flush=True)
         try:
             run_suite(plan, docs, command)
         except KeyboardInterrupt:
             print("\n[reproduce] interrupted; rerun the same command (with --overwrite if some suites finished) to "
                   "continue where it stopped", file=sys.stderr)
             sys.exit(130)
-        except (RuntimeError, FileNotFoundError) as error:
-            print(f"[reproduce] {plan.suite} failed: {error}", file=sys.stderr)
-            sys.exit(1)
+        except (RuntimeError, FileNotFoundError, ValueError, KeyError) as error:
+            # One failed suite does not stop the others (a long --suite=all run is unattended).
+            print(f"[reproduce] {plan.suite} FAILED: {error!r}", file=sys.stderr, flush=True)
+            failed.append(plan.suite)
+    if failed:
+        print(f"[reproduce] failed suites: {', '.join(failed)} (their sections of {docs} were not changed)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
