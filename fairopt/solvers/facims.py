@@ -114,6 +114,12 @@ class FacimsConfig:
       hparams_per_group: ``v`` indexed by (class, group) (eq. 4.2 of AutoBalance) instead of class.
       groups_per_step: size of the random subset A' of groups per step (None: all groups).
       num_eval_samples: Monte-Carlo draws of ``Z`` for prediction.
+      common_noise: every group's weight draws use the same standard-normal ``xi`` (common
+        random numbers: ``w^a = mu^a + noise_scale * sigma^a * xi``). Each group's Monte-Carlo
+        estimate keeps its distribution; only the draws of different groups become correlated.
+        Drawing the noise is most of a middle step's cost on a CPU (threefry bits for
+        ``num_mc x #weights`` numbers per group), so this cuts a round's time ~2x at G = 7 and
+        makes the noise cost independent of G. False: independent draws per group.
     """
 
     method: str = "facims"
@@ -143,6 +149,7 @@ class FacimsConfig:
     hparams_per_group: bool = False
     groups_per_step: int | None = None
     num_eval_samples: int = 20
+    common_noise: bool = True
 
     def __post_init__(self):
         for name, value, choices in (
@@ -291,13 +298,16 @@ def facims_parts(
         low, high = config.log_std_range
         return q._replace(log_std=jax.tree_util.tree_map(lambda s: jnp.clip(s, low, high), q.log_std))
 
+    def scaled(noise):
+        return jax.tree_util.tree_map(lambda e: config.noise_scale * e, noise)
+
     def sample_weights(q: posterior.Gaussian, noise):
         """``mu + noise_scale * sigma * xi`` for standard-normal ``noise`` (module docstring)."""
-        return posterior.sample_with_noise(q, jax.tree_util.tree_map(lambda e: config.noise_scale * e, noise))
+        return posterior.sample_with_noise(q, scaled(noise))
 
     def mc_mean(loss_of_weights, q: posterior.Gaussian, noise):
         """Average over the leading Monte-Carlo axis of ``noise`` of a loss of sampled weights."""
-        weights = jax.vmap(lambda n: sample_weights(q, n))(noise)
+        weights = posterior.sample_draws(q, scaled(noise))  # one sample_weights per draw
         return jnp.mean(jax.vmap(loss_of_weights)(weights))
 
     def train_loss(weights, vs_params, x, y, mask, group):
@@ -485,14 +495,19 @@ def facims(
         one_group_q = jax.tree_util.tree_map(lambda leaf: leaf[0], state.local_posteriors)  # noise shapes
 
         def middle_draw(batch_key, noise_key):
-            """A middle step's train batch [G, B] and Monte-Carlo noise [G, num_mc, ...]."""
-            return sample_group_batch(batch_key, train, batch_size), noise_for(noise_key, one_group_q, num_groups)
+            """A middle step's train batch [G, B] and Monte-Carlo noise [num_mc, ...] ([G, num_mc, ...]
+            without ``common_noise``)."""
+            leading = None if config.common_noise else num_groups
+            return sample_group_batch(batch_key, train, batch_size), noise_for(noise_key, one_group_q, leading)
+
+        noise_axis = None if config.common_noise else 0  # the group axis of the noise, if any
+        mc_axis = 0 if config.common_noise else 1
 
         def middle_body(carry, step_keys):
             local_q, opt_state = carry
             batch, noise = middle_draw(*step_keys)
             local_q, opt_state, loss = jax.vmap(
-                middle_step, in_axes=(0, 0, None, None, 0, 0, 0, 0, 0)
+                middle_step, in_axes=(0, 0, None, None, 0, noise_axis, 0, 0, 0)
             )(local_q, opt_state, global_q, vs_params, batch, noise, groups, beta, active)
             return (local_q, opt_state), jnp.sum(jnp.where(active, loss, 0.0)) / jnp.maximum(jnp.sum(active), 1)
 
@@ -503,7 +518,10 @@ def facims(
         )
         # The hypergradient is taken at the last middle step's draw, redrawn from its keys.
         last_batch, middle_noise = middle_draw(middle_keys[-1, 0], middle_keys[-1, 1])
-        last_noise = jax.tree_util.tree_map(lambda leaf: leaf[:, : config.hypergradient_samples], middle_noise)
+        last_noise = jax.tree_util.tree_map(
+            lambda leaf: jax.lax.slice_in_dim(leaf, 0, config.hypergradient_samples, axis=mc_axis),
+            middle_noise,
+        )
 
         def upper_body(carry, step_keys):
             global_q, vs_params, global_opt_state, hparam_opt_state = carry
@@ -514,7 +532,7 @@ def facims(
                 val_batch = sample_group_batch(val_key, val, val_batch_size)
                 global_noise = noise_for(noise_key, global_q, None)
                 grad_global, grad_vs, values = jax.vmap(
-                    group_hypergradient, in_axes=(0, None, None, 0, 0, 0, None, 0)
+                    group_hypergradient, in_axes=(0, None, None, 0, noise_axis, 0, None, 0)
                 )(local_q, global_q, vs_params, last_batch, last_noise, val_batch, global_noise, groups)
             else:
                 grad_global, values = jax.vmap(fams_global_gradient, in_axes=(0, None))(local_q, global_q)
