@@ -79,6 +79,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -653,9 +654,16 @@ def _load_modules() -> None:
     assert report.SUITES == SUITES and tuple(common.PAPER_SEEDS) == PAPER_SEEDS
 
 
+def _stop_on_sigterm(signum, frame):
+    """``kill <pid>`` stops like Ctrl-C: the running experiment is terminated too (its
+    checkpoints stay), instead of running on orphaned."""
+    raise KeyboardInterrupt
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     _load_modules()
     suites = validate()
     docs = Path(FLAGS.docs)
