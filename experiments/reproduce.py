@@ -131,7 +131,7 @@ NOTES = {
         "FACIMS predicts like a logit-adjusted model (balanced, not calibrated); SGap measures calibration, "
         "which the upper level (balanced loss) does not optimise.",
         "The paper's Fig. 3 is on the Alzheimer's data (not public); the α_low sweep here is on credit card. "
-        "The ablation rows FACIMS-I, FACIMS-II and FAMS use 3 of the 5 seeds to keep `--suite=all` near an hour.",
+        "The ablation rows FACIMS-I, FACIMS-II and FAMS use 3 of the 5 seeds to bound the run time (see the estimates in experiments/reproduce.py).",
     ],
     "facims_drug": [
         "The paper's drug-consumption numbers are in its appendix, which is missing from the extraction "
