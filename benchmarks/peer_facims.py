@@ -420,6 +420,25 @@ def compare_states(tf, peer, state) -> dict:
     }
 
 
+def compare_peers(reference, other) -> dict:
+    """Relative differences of ``other``'s state from ``reference``'s (two PyTorch peers)."""
+    import numpy as np
+
+    def rel(a, b):
+        a = np.concatenate([np.ravel(t.detach().numpy()) for t in a])
+        b = np.concatenate([np.ravel(t.detach().numpy()) for t in b])
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    half = len(reference.global_q) // 2
+    local = lambda peer, part: [t for q in peer.local_qs for t in (q[:half] if part == 0 else q[half:])]  # noqa: E731
+    return {
+        "global_mean": rel(other.global_q[:half], reference.global_q[:half]),
+        "global_log_std": rel(other.global_q[half:], reference.global_q[half:]),
+        "local_means": rel(local(other, 0), local(reference, 0)),
+        "local_log_stds": rel(local(other, 1), local(reference, 1)),
+    }
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -530,9 +549,28 @@ def main(argv):
             "fairopt_metrics": {k: float(v) for k, v in metrics.items()},
             "torch_metrics": round_metrics,
         }
+        # Conditioning: the same PyTorch round from initial means perturbed by a relative 1e-7.
+        perturbed_peer = tf.TorchFacims(peer.config, tf.from_flax_params(params), original_train.class_counts,
+                                        peer.train_groups, peer.val_groups, seed=seed)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            half = len(perturbed_peer.global_q) // 2
+            for t in perturbed_peer.global_q[:half]:
+                t.mul_(1 + 1e-7 * torch.randn(t.shape, generator=generator))
+            for q in perturbed_peer.local_qs:
+                for t, source in zip(q, perturbed_peer.global_q):
+                    t.copy_(source)
+        perturbed_peer.epoch(draws=round_draws)
+        check["round"]["conditioning"] = {
+            "what": "PyTorch vs PyTorch from initial means perturbed by a relative 1e-7, same draws: the float32 "
+                    "sensitivity of one round (differences of this size are rounding, not different arithmetic)",
+            **compare_peers(round_peer, perturbed_peer),
+        }
         check["torch_config"] = dataclasses.asdict(peer.config)
-        log("check: round " + ", ".join(f"{k}={v:.2e}" for k, v in check["round"].items() if isinstance(v, float)))
-        del round_peer, round_draws
+        log("check: round " + ", ".join(f"{k}={v:.2e}" for k, v in check["round"].items() if isinstance(v, float))
+            + "; same round from a 1e-7 perturbation: "
+            + ", ".join(f"{k}={v:.2e}" for k, v in check["round"]["conditioning"].items() if isinstance(v, float)))
+        del round_peer, perturbed_peer, round_draws
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_cost_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -766,7 +804,10 @@ def markdown_table(r) -> str:
                 f"relative error of the state after one round): "
                 + ", ".join(f"{k} {v:.1e}" for k, v in c["round"].items() if isinstance(v, float))
                 + "; losses fairopt " + " / ".join(f"{c['round']['fairopt_metrics'][k]:.6g}" for k in ("middle_loss", "upper_loss"))
-                + ", torch " + " / ".join(f"{c['round']['torch_metrics'][k]:.6g}" for k in ("middle_loss", "upper_loss")) + ".",
+                + ", torch " + " / ".join(f"{c['round']['torch_metrics'][k]:.6g}" for k in ("middle_loss", "upper_loss"))
+                + ". For scale, the same PyTorch round from initial means perturbed by a relative 1e-7 moves: "
+                + ", ".join(f"{k} {v:.1e}" for k, v in c["round"]["conditioning"].items() if isinstance(v, float))
+                + " (float32 rounding as amplified by one round).",
             ]
     lines += [
         "",
