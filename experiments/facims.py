@@ -160,7 +160,14 @@ def run_facims_method(method, splits, original_train, seed, progress, checkpoint
     )
     done, state = checkpoints.restore(run, solver.init(jax.random.key(seed + 1), params))
     progress.update(progress.done + done)
-    train_groups, val_groups = data.group_arrays(splits.train), data.group_arrays(splits.val)
+    # One padded size for every seed (the dataset's largest group; padding is never sampled), so
+    # the compiled round is reused across seeds instead of recompiled for each split's shapes.
+    pad_to = int(max(
+        (original_train.group_counts + splits.val.group_counts + splits.test.group_counts).max(),
+        splits.train.group_counts.max(),
+    ))
+    train_groups = data.group_arrays(splits.train, pad_to=pad_to)
+    val_groups = data.group_arrays(splits.val, pad_to=pad_to)
     step = jax.jit(solver.step)
     for epoch in range(done + 1, FLAGS.epochs + 1):
         state, metrics = step(state, (train_groups, val_groups))
