@@ -73,6 +73,9 @@ flags.DEFINE_integer("num_mc", DEFAULTS.num_mc, "Monte-Carlo draws per loss.", l
 flags.DEFINE_integer(
     "hypergradient_samples", DEFAULTS.hypergradient_samples, "Monte-Carlo draws inside the hypergradient's Hessian.", lower_bound=1
 )
+flags.DEFINE_bool(
+    "common_noise", DEFAULTS.common_noise, "All groups share one Monte-Carlo weight draw per step (faster; see FacimsConfig)."
+)
 flags.DEFINE_float("local_lr", DEFAULTS.local_learning_rate, "Adagrad step of the local posteriors.", lower_bound=0.0)
 flags.DEFINE_float("global_lr", DEFAULTS.global_learning_rate, "Adagrad step of the global posterior.", lower_bound=0.0)
 flags.DEFINE_float("global_decay", DEFAULTS.global_decay, "Per-round decay of the global step.", lower_bound=0.0)
@@ -132,6 +135,7 @@ def facims_config(method: str) -> FacimsConfig:
         upper_steps=FLAGS.upper_steps,
         num_mc=FLAGS.num_mc,
         hypergradient_samples=FLAGS.hypergradient_samples,
+        common_noise=FLAGS.common_noise,
         local_learning_rate=FLAGS.local_lr,
         global_learning_rate=FLAGS.global_lr,
         global_decay=FLAGS.global_decay,
