@@ -138,12 +138,23 @@ def neumann_inverse_hvp(hvp_fn: Callable[[PyTree], PyTree], v: PyTree, *, alpha,
 def cg_inverse_hvp(
     hvp_fn: Callable[[PyTree], PyTree], v: PyTree, *, max_iters: int, tol: float = 1e-10, damping=0.0
 ) -> PyTree:
-    """Conjugate-gradient solve of ``(H + damping I) x = v`` from ``x_0 = 0``.
+    """Conjugate-gradient solve of ``(H + damping I) x = v`` from ``x_0 = 0``, one HVP per iteration.
 
-    Uses :func:`jax.scipy.sparse.linalg.cg` (pytree-aware, a ``lax.while_loop``); it stops after
-    ``max_iters`` iterations or when ``||r|| <= tol ||v||``. CG needs ``H + damping I`` symmetric
-    positive definite; ``damping > 0`` regularises an indefinite or singular ``H`` (then the
-    result is the damped inverse, a biased hypergradient).
+    The textbook recursion (Nocedal & Wright, Alg. 5.2) on pytrees, in a ``lax.while_loop``:
+
+    .. math::
+        x_0 = 0,\\; r_0 = p_0 = v;\\quad
+        a_k = \\frac{r_k^\\top r_k}{p_k^\\top A p_k},\\;
+        x_{k+1} = x_k + a_k p_k,\\; r_{k+1} = r_k - a_k A p_k,\\;
+        p_{k+1} = r_{k+1} + \\frac{r_{k+1}^\\top r_{k+1}}{r_k^\\top r_k} p_k,
+
+    with ``A = H + damping I``. It stops after ``max_iters`` iterations or when
+    ``||r_k|| <= tol ||v||``. Same iterates as :func:`jax.scipy.sparse.linalg.cg` from ``x0 = 0``,
+    which spends one more product on the initial residual ``v - A x0`` (so k iterations cost k
+    HVPs here, k + 1 there). CG needs ``A`` symmetric positive definite; ``damping > 0``
+    regularises an indefinite or singular ``H`` (then the result is the damped inverse, a biased
+    hypergradient). On an indefinite ``H`` the iterates are still finite as long as no
+    ``p^T A p`` is exactly 0 (then the step is 0 and the loop stops).
 
     Args:
       hvp_fn: ``t -> H t``.
@@ -158,12 +169,33 @@ def cg_inverse_hvp(
     _check_int(max_iters, "max_iters", 1)
     _check_nonnegative(tol, "tol")
     _check_nonnegative(damping, "damping")
+    tree_map = jax.tree_util.tree_map
 
     def damped(t):
-        return jax.tree_util.tree_map(lambda ht, ti: ht + damping * ti, hvp_fn(t), t)
+        return tree_map(lambda ht, ti: ht + damping * ti, hvp_fn(t), t)
 
-    solution, _ = jax.scipy.sparse.linalg.cg(damped, v, tol=tol, maxiter=max_iters)
-    return solution
+    threshold = jnp.square(tol) * tree_dot(v, v)  # stop when r.r <= tol^2 v.v
+
+    def unfinished(carry):
+        iteration, _, _, _, residual_norm2 = carry
+        return (iteration < max_iters) & (residual_norm2 > threshold)
+
+    def body(carry):
+        iteration, x, residual, direction, residual_norm2 = carry
+        curvature = damped(direction)
+        denominator = tree_dot(direction, curvature)
+        step = jnp.where(denominator != 0, residual_norm2 / jnp.where(denominator != 0, denominator, 1), 0)
+        x = tree_map(lambda xi, pi: xi + step * pi, x, direction)
+        residual = tree_map(lambda ri, api: ri - step * api, residual, curvature)
+        new_norm2 = tree_dot(residual, residual)
+        beta = new_norm2 / jnp.where(residual_norm2 != 0, residual_norm2, 1)
+        direction = tree_map(lambda ri, pi: ri + beta * pi, residual, direction)
+        iteration = jnp.where(denominator != 0, iteration + 1, max_iters)  # a zero curvature step ends the loop
+        return iteration, x, residual, direction, new_norm2
+
+    zeros = tree_map(jnp.zeros_like, v)
+    initial = (jnp.zeros((), jnp.int32), zeros, v, v, tree_dot(v, v))
+    return jax.lax.while_loop(unfinished, body, initial)[1]
 
 
 def exact_inverse_hvp(hvp_fn: Callable[[PyTree], PyTree], v: PyTree, *, damping=0.0) -> PyTree:
@@ -322,5 +354,5 @@ def _subtract_unless_float0(direct, mixed):
 
 
 def tree_dot(first: PyTree, second: PyTree) -> jax.Array:
-    """``<first, second>`` summed over all leaves (a convenience for tests and diagnostics)."""
+    """``<first, second>`` summed over all leaves (CG's inner products; tests and diagnostics)."""
     return optax.tree.vdot(first, second)

@@ -87,6 +87,45 @@ def test_cg_and_exact_solve_damped_system():
         np.testing.assert_allclose(exact["x"], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_cg_matches_jax_scipy_cg_iterate_by_iterate_with_one_hvp_per_iteration():
+    """fairopt's CG has jax.scipy's iterates (from x0 = 0) after every k, but makes k HVPs, not k + 1."""
+    matrix, vector, _ = spd_problem(3)
+    matrix_j = jnp.asarray(matrix, jnp.float32)
+    calls = []
+
+    def counted_hvp(t):
+        jax.debug.callback(lambda: calls.append(1))
+        return {"x": matrix_j @ t["x"]}
+
+    v = {"x": jnp.asarray(vector, jnp.float32)}
+    for iterations in (1, 2, 4):
+        reference, _ = jax.scipy.sparse.linalg.cg(lambda t: {"x": matrix_j @ t["x"]}, v, tol=0.0, maxiter=iterations)
+        calls.clear()
+        got = jax.jit(lambda v: implicit.cg_inverse_hvp(counted_hvp, v, max_iters=iterations, tol=0.0))(v)
+        jax.effects_barrier()
+        np.testing.assert_allclose(got["x"], reference["x"], rtol=1e-5, atol=1e-6)
+        assert len(calls) == iterations
+
+
+def test_cg_stops_at_tolerance_and_survives_zero_curvature():
+    matrix, vector, _ = spd_problem(4)
+    matrix_j = jnp.asarray(matrix, jnp.float32)
+    calls = []
+
+    def counted_hvp(t):
+        jax.debug.callback(lambda: calls.append(1))
+        return {"x": matrix_j @ t["x"]}
+
+    v = {"x": jnp.asarray(vector, jnp.float32)}
+    solution = implicit.cg_inverse_hvp(counted_hvp, v, max_iters=500, tol=1e-4)
+    jax.effects_barrier()
+    residual = np.linalg.norm(matrix @ np.asarray(solution["x"]) - vector) / np.linalg.norm(vector)
+    assert residual < 1e-3 and len(calls) <= len(vector) + 2  # stopped by the tolerance, not max_iters
+    # H = 0: the first curvature p^T H p is 0; the loop stops with x = 0 instead of dividing by 0
+    zero = implicit.cg_inverse_hvp(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t), v, max_iters=5)
+    np.testing.assert_array_equal(zero["x"], np.zeros_like(vector))
+
+
 def test_inverse_hvp_of_multi_leaf_pytree():
     """A pytree right-hand side with leaves of different shapes (block-diagonal H)."""
     params = {"a": jnp.array([0.3, -0.2, 0.5]), "b": jnp.array([[1.0, 0.4], [-0.7, 0.2]])}
