@@ -108,3 +108,23 @@ def test_bad_flags_exit_nonzero_with_the_allowed_values_and_no_traceback(flag, m
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_flags_reach_the_solver_config():
+    """Every FacimsConfig flag of experiments.facims ends up in the config it builds (a flag that
+    was parsed but not passed on would silently run the defaults)."""
+    script = (
+        "import sys, json\n"
+        "from experiments import facims as e\n"
+        "e.FLAGS(sys.argv)\n"
+        "c = e.facims_config('facims_i')\n"
+        "print(json.dumps(dict(method=c.method, common_noise=c.common_noise, num_mc=c.num_mc, "
+        "inverse=c.inverse, inverse_terms=c.inverse_terms, alpha_low=c.alpha_low)))\n"
+    )
+    flags = ["--nocommon_noise", "--num_mc=3", "--inverse=neumann", "--inverse_terms=7", "--alpha_low=0.2"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *flags], cwd=REPO, capture_output=True, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
+    )
+    config = json.loads(result.stdout.strip().splitlines()[-1])
+    assert config == dict(method="facims_i", common_noise=False, num_mc=3, inverse="neumann", inverse_terms=7, alpha_low=0.2)
