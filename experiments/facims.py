@@ -88,6 +88,9 @@ flags.DEFINE_float("init_std", DEFAULTS.init_std, "Initial posterior standard de
 flags.DEFINE_enum("validation_loss", DEFAULTS.validation_loss, VALIDATION_LOSSES, "Upper-level balanced loss L_bal.")
 flags.DEFINE_bool("hparams_per_group", False, "VS hyperparameters per (class, group).")
 flags.DEFINE_integer("groups_per_step", None, "Partial-group setting: groups sampled per step.", lower_bound=1)
+flags.DEFINE_integer(
+    "group_chunk", None, "Run the groups in a compiled loop over chunks of this many (default: one vmap over all).", lower_bound=1
+)
 flags.DEFINE_float("baseline_lr", 1e-3, "Adam step of the ERM/BERM baselines.", lower_bound=0.0)
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
 
@@ -148,6 +151,7 @@ def facims_config(method: str) -> FacimsConfig:
         validation_loss=FLAGS.validation_loss,
         hparams_per_group=FLAGS.hparams_per_group,
         groups_per_step=FLAGS.groups_per_step,
+        group_chunk=FLAGS.group_chunk,
     )
 
 
