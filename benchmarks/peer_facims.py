@@ -75,6 +75,8 @@ flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"]
                  "already sets it ('default': libgomp's spin-then-sleep). On this shared, oversubscribed 2-core "
                  "machine one 2-thread PyTorch epoch took 345 s with libgomp's default, 30-40 s with PASSIVE and "
                  "12 s at 1 thread (measured).")
+flags.DEFINE_enum("group_mapping", "auto", ["vmap", "unroll", "map", "auto"],
+                  "FacimsConfig.group_mapping of the fairopt round (auto: unroll on a CPU, as experiments.facims).")
 flags.DEFINE_bool("check", True, "Compare one middle step and one hypergradient of both implementations first.")
 
 
@@ -496,7 +498,7 @@ def main(argv):
     config = FacimsConfig(
         inverse="neumann", inverse_terms=protocol.inverse_terms, neumann_alpha=protocol.neumann_alpha,
         middle_steps=protocol.middle_steps, upper_steps=protocol.upper_steps, num_mc=protocol.num_mc,
-        hypergradient_samples=hs,
+        hypergradient_samples=hs, group_mapping=FLAGS.group_mapping,
     )
     solver = facims(apply_fn, config, class_counts=original_train.class_counts, group_counts=original_train.group_counts,
                     batch_size=protocol.batch_size, val_batch_size=protocol.batch_size)

@@ -174,26 +174,26 @@ def test_partial_group_step_changes_only_the_sampled_groups():
     assert len(changed_sets) > 1  # the sampled group varies between steps
 
 
-@pytest.mark.parametrize("group_chunk", [1, 2])
-def test_group_chunk_runs_the_groups_in_a_loop_with_the_same_result(group_chunk):
-    """lax.map over chunks of groups (2 does not divide G = 3: a chunk plus a vmapped remainder)
-    gives the vmapped round's state, in FACIMS and in FAMS (no hypergradient)."""
+@pytest.mark.parametrize("group_mapping", ["unroll", "map"])
+def test_group_mappings_give_the_vmapped_round(group_mapping):
+    """A traced loop over groups ("unroll") or lax.map ("map") gives the vmapped round's state,
+    in FACIMS and in FAMS (no hypergradient)."""
     dataset, params, apply_fn = _tiny_problem()
     grouped = data.group_arrays(dataset)
     for method in ("facims", "fams"):
         results = []
-        for chunk in (None, group_chunk):
-            config = FacimsConfig(method=method, num_mc=2, middle_steps=3, upper_steps=2, inverse_terms=3, group_chunk=chunk)
+        for mapping in ("vmap", group_mapping):
+            config = FacimsConfig(method=method, num_mc=2, middle_steps=3, upper_steps=2, inverse_terms=3, group_mapping=mapping)
             solver = facims(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts,
                             batch_size=BATCH, val_batch_size=BATCH)
             state = solver.init(jax.random.key(0), params)
             for _ in range(2):
                 state, metrics = jax.jit(solver.step)(state, (grouped, grouped))
             results.append((state, metrics))
-        (vmapped, vmapped_metrics), (looped, looped_metrics) = results
+        (vmapped, vmapped_metrics), (mapped, mapped_metrics) = results
         for name in ("global_posterior", "local_posteriors", "vs_params"):
-            chex.assert_trees_all_close(getattr(looped, name), getattr(vmapped, name), rtol=1e-5, atol=1e-6)
-        chex.assert_trees_all_close(looped_metrics, vmapped_metrics, rtol=1e-5, atol=1e-6)
+            chex.assert_trees_all_close(getattr(mapped, name), getattr(vmapped, name), rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(mapped_metrics, vmapped_metrics, rtol=1e-5, atol=1e-6)
 
 
 def test_config_rejects_bad_values():
@@ -206,9 +206,8 @@ def test_config_rejects_bad_values():
         facims(apply_fn, FacimsConfig(groups_per_step=5), class_counts=dataset.class_counts, group_counts=dataset.group_counts)
     with pytest.raises(ValueError, match="class_counts"):
         facims(apply_fn, FacimsConfig(), class_counts=[10, 0], group_counts=dataset.group_counts)
-    for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="group_chunk must be None .vmap all groups. or an int >= 1"):
-            FacimsConfig(group_chunk=bad)
+    with pytest.raises(ValueError, match="group_mapping='loop'; choose one of vmap, unroll, map, auto"):
+        FacimsConfig(group_mapping="loop")
 
 
 @pytest.mark.slow

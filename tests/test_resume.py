@@ -119,12 +119,12 @@ def test_flags_reach_the_solver_config():
         "e.FLAGS(sys.argv)\n"
         "c = e.facims_config('facims_i')\n"
         "print(json.dumps(dict(method=c.method, common_noise=c.common_noise, num_mc=c.num_mc, "
-        "inverse=c.inverse, inverse_terms=c.inverse_terms, alpha_low=c.alpha_low, group_chunk=c.group_chunk)))\n"
+        "inverse=c.inverse, inverse_terms=c.inverse_terms, alpha_low=c.alpha_low, group_mapping=c.group_mapping)))\n"
     )
-    flags = ["--nocommon_noise", "--num_mc=3", "--inverse=neumann", "--inverse_terms=7", "--alpha_low=0.2", "--group_chunk=2"]
+    flags = ["--nocommon_noise", "--num_mc=3", "--inverse=neumann", "--inverse_terms=7", "--alpha_low=0.2", "--group_mapping=map"]
     result = subprocess.run(
         [sys.executable, "-c", script, *flags], cwd=REPO, capture_output=True, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
     )
     config = json.loads(result.stdout.strip().splitlines()[-1])
-    assert config == dict(method="facims_i", common_noise=False, num_mc=3, inverse="neumann", inverse_terms=7, alpha_low=0.2, group_chunk=2)
+    assert config == dict(method="facims_i", common_noise=False, num_mc=3, inverse="neumann", inverse_terms=7, alpha_low=0.2, group_mapping="map")

@@ -75,6 +75,7 @@ DIVERGENCES = ("kl", "w2")
 INVERSES = ("cg", "neumann", "exact")
 VALIDATION_LOSSES = ("vs_bar", "balanced_ce")
 SHARPNESS_SCALINGS = ("uniform", "frequency")
+GROUP_MAPPINGS = ("vmap", "unroll", "map", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +121,16 @@ class FacimsConfig:
         Drawing the noise is most of a middle step's cost on a CPU (threefry bits for
         ``num_mc x #weights`` numbers per group), so this cuts a round's time ~2x at G = 7 and
         makes the noise cost independent of G. False: independent draws per group.
-      group_chunk: how the per-group functions run over the group axis. None: one ``jax.vmap``
-        over all G groups (one kernel for all groups: the choice for accelerators and for
-        sharding the group axis over devices). An int k: ``jax.lax.map(..., batch_size=k)``, a
-        compiled loop over chunks of k groups (each chunk vmapped). Same values up to float
-        rounding. A chunk bounds the memory of a round with many groups (the vmapped round holds
-        every group's Monte-Carlo weights at once). Speed on the 2-core CPU at the credit scale
-        (G = 7): 1.60 s per round vmapped, 1.69 / 1.67 / 1.44 s with k = 1 / 2 / 4, within the
-        run-to-run spread (docs/performance.md).
+      group_mapping: how the per-group functions run over the group axis; every choice gives
+        the same values up to float rounding, inside one compiled round.
+        ``"vmap"``: one ``jax.vmap`` over all G groups, one batched kernel per operation (the
+        choice for accelerators and for sharding the group axis over devices).
+        ``"unroll"``: a Python loop over the groups traced into the program, G independent
+        copies of each per-group computation that XLA:CPU runs concurrently on its cores
+        (credit, G = 7, 2-core CPU: 1.19 s per round against 1.71 s vmapped; compilation grows
+        with G, 71 s against 25 s).
+        ``"map"``: ``jax.lax.map``, a compiled loop over groups one at a time (least memory).
+        ``"auto"``: ``"unroll"`` on a CPU backend when G <= 16, else ``"vmap"``.
     """
 
     method: str = "facims"
@@ -158,7 +161,7 @@ class FacimsConfig:
     groups_per_step: int | None = None
     num_eval_samples: int = 20
     common_noise: bool = True
-    group_chunk: int | None = None
+    group_mapping: str = "vmap"
 
     def __post_init__(self):
         for name, value, choices in (
@@ -167,6 +170,7 @@ class FacimsConfig:
             ("inverse", self.inverse, INVERSES),
             ("validation_loss", self.validation_loss, VALIDATION_LOSSES),
             ("sharpness_scaling", self.sharpness_scaling, SHARPNESS_SCALINGS),
+            ("group_mapping", self.group_mapping, GROUP_MAPPINGS),
         ):
             if value not in choices:
                 raise ValueError(f"FacimsConfig.{name}={value!r}; choose one of {', '.join(choices)}")
@@ -190,8 +194,6 @@ class FacimsConfig:
                 f"FacimsConfig.hypergradient_samples={self.hypergradient_samples} exceeds num_mc={self.num_mc}; "
                 "lower it or raise num_mc"
             )
-        if self.group_chunk is not None and (isinstance(self.group_chunk, bool) or not isinstance(self.group_chunk, int) or self.group_chunk < 1):
-            raise ValueError(f"FacimsConfig.group_chunk must be None (vmap all groups) or an int >= 1, got {self.group_chunk!r}")
         if self.groups_per_step is not None and self.groups_per_step < 1:
             raise ValueError(f"FacimsConfig.groups_per_step must be None or >= 1, got {self.groups_per_step}")
 
@@ -488,11 +490,15 @@ def facims(
         threshold = jnp.sort(scores)[num_groups - config.groups_per_step]
         return present & (scores >= threshold)
 
+    group_mapping = config.group_mapping
+    if group_mapping == "auto":
+        group_mapping = "unroll" if jax.default_backend() == "cpu" and num_groups <= 16 else "vmap"
+
     def over_groups(fn, in_axes):
         """``fn`` mapped over the group axis (``in_axes`` as in ``jax.vmap``: 0 or None per
-        argument): ``jax.vmap`` over all groups, or ``jax.lax.map`` over chunks of
-        ``config.group_chunk`` groups."""
-        if config.group_chunk is None:
+        argument) the way ``config.group_mapping`` says: ``jax.vmap``, a traced Python loop whose
+        per-group results are stacked, or ``jax.lax.map``."""
+        if group_mapping == "vmap":
             return jax.vmap(fn, in_axes=in_axes)
 
         def mapped(*args):
@@ -502,7 +508,12 @@ def facims(
                 sliced = iter(sliced)
                 return fn(*(next(sliced) if axis == 0 else arg for arg, axis in zip(args, in_axes)))
 
-            return jax.lax.map(one_group, per_group, batch_size=config.group_chunk)
+            if group_mapping == "map":
+                return jax.lax.map(one_group, per_group)
+            outputs = [
+                one_group(jax.tree_util.tree_map(lambda leaf: leaf[group], per_group)) for group in range(num_groups)
+            ]
+            return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *outputs)
 
         return mapped
 
