@@ -46,31 +46,31 @@ step whose results exist with the same command is reused, not retrained (``--ret
 training). Without ``--overwrite`` nothing existing is replaced (checked before any training);
 all files are written atomically.
 
-Estimated wall time with the default (full) settings on this project's machine (2-core AMD EPYC,
-shared with other jobs), from timed tiny runs (``--seeds=0``, 1–3 epochs) plus the per-round
-times of the earlier full runs (docs/results_*.md): the first range is for a lightly loaded
-machine, the second for the load average 5–8 seen during development. Compilation is included
-(each FACIMS method and each alpha_low value compiles for 1–2 min the first time; compiled
-programs are cached in ~/.cache/fairopt/jax, so a rerun of the same code compiles less).
+Wall time with the default (full) settings on this project's machine (2-core AMD EPYC, shared
+with other jobs), measured by the runs behind docs/results.md: the first number is a nearly idle
+machine (load ~1.5), the second the load average 4–8 seen during development (runs of the
+earlier, slower FACIMS round scaled by its per-round time). Compilation is included (each FACIMS
+method and each alpha_low value compiles for 1–1.5 min the first time; compiled programs are
+cached in ~/.cache/fairopt/jax, so a rerun of the same code compiles less).
 
 ====================== ============================================================= ============
-suite                  what                                                          estimate
+suite                  what                                                          wall time
 ====================== ============================================================= ============
-facims_credit          FACIMS/ERM/BERM x 5 seeds, FACIMS-I/II/FAMS x 3 seeds,          65–95 min
+facims_credit          FACIMS/ERM/BERM x 5 seeds, FACIMS-I/II/FAMS x 3 seeds,          30–55 min
                        FACIMS x 4 alpha_low x 3 seeds; 50 rounds each
-facims_drug            FACIMS/ERM/BERM x 3 seeds, 50 rounds                            12–18 min
+facims_drug            FACIMS/ERM/BERM x 3 seeds, 50 rounds                            4–8 min
 autobalance_longtail   8 rows x 3 seeds x 2 datasets (60 / 30 epochs)                  4–6 min
-autobalance_groups     8 rows x 3 seeds x 2 datasets + Fig. 5 (5 lambdas x 4 curves)  8–12 min
-fairalm_celeba         eta grid + 5 methods x 3 seeds (2 epochs) + 6-epoch profiles    8–12 min
-fairalm_adult          eta grid + 5 methods x 3 seeds (4 epochs) + 12-epoch profiles   7–11 min
-all                                                                                    1 h 45 – 2 h 35
+autobalance_groups     8 rows x 3 seeds x 2 datasets + Fig. 5 (5 lambdas x 4 curves)  6–12 min
+fairalm_celeba         eta grid + 5 methods x 3 seeds (2 epochs) + 6-epoch profiles    3–12 min
+fairalm_adult          eta grid + 5 methods x 3 seeds (4 epochs) + 12-epoch profiles   6–11 min
+all                                                                                    55 min – 1 h 45
 ====================== ============================================================= ============
 
-That is over the ~70 min aimed for: the FACIMS tri-level rounds (~3 s each, 50 per run, 39 runs)
-dominate (~60 of the 65 min of facims_credit at light load). Cheaper, still at the papers'
-protocol per run: ``--alpha_lows=0.01,1`` (two sweep points instead of four, about −15 min).
-A smoke run of everything, ``--suite=all --seeds=0 --epochs_scale=0.04``, took 27 min (almost all
-compilation) at load 5–8; its numbers mean nothing.
+The FACIMS tri-level rounds (~1.1 s each on an idle machine with the unrolled round, 50 per run,
+39 runs) dominate. Cheaper, still at the papers' protocol per run: ``--alpha_lows=0.01,1`` (two
+sweep points instead of four, about −8 min). A smoke run of everything,
+``--suite=all --seeds=0 --epochs_scale=0.04``, took 27 min (almost all compilation) at load 5–8;
+its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ FAIRALM = {
                            eta_grid="0.01,0.03,0.1", profile_epochs=6),
 }
 PROFILE_METHODS = ("unconstrained", "l2_penalty", "lagrangian", "fairalm")
-# Wall-time estimates at full size (see the module docstring), printed when a suite starts.
-ESTIMATED_MINUTES = {"facims_credit": "65–95", "facims_drug": "12–18", "autobalance_longtail": "4–6",
-                     "autobalance_groups": "8–12", "fairalm_celeba": "8–12", "fairalm_adult": "7–11"}
+# Measured wall times at full size (see the module docstring), printed when a suite starts.
+ESTIMATED_MINUTES = {"facims_credit": "30–55", "facims_drug": "4–8", "autobalance_longtail": "4–6",
+                     "autobalance_groups": "6–12", "fairalm_celeba": "3–12", "fairalm_adult": "6–11"}
 
 # Hand-written notes per suite: the known deviations, from docs/results_*.md (what the
 # generated comparison sentences cannot say by themselves).
