@@ -35,7 +35,7 @@ from fairopt.solvers.facims import (
     VALIDATION_LOSSES,
     FacimsConfig,
     facims,
-    facims_parts,
+    group_sharpness,
 )
 from fairopt.train import Progress, check_finite, evaluate, fit_resumable
 
@@ -177,12 +177,13 @@ def compiled_round(solver, *, method: str, dataset: data.Dataset, original_train
     when their group counts differ, so they share one jitted round. A fresh ``jax.jit`` per seed
     would trace the round again and reload it from the compilation cache: 8 s of tracing plus
     9 s of loading per seed for the unrolled credit round."""
-    config = facims_config(method)
-    parts = facims_parts(
-        lambda params, x: x, config, class_counts=original_train.class_counts, group_counts=original_train.group_counts
+    radii = group_sharpness(facims_config(method), original_train.group_counts)
+    key = (
+        method,
+        dataset.num_features,
+        np.asarray(original_train.class_counts).tobytes(),  # v_bar is a function of these
+        np.asarray(radii).tobytes(),
     )
-    constants = jax.tree_util.tree_leaves((parts.v_bar, parts.sharpness))
-    key = (method, dataset.num_features, dataset.num_classes) + tuple(np.asarray(c).tobytes() for c in constants)
     if key not in _ROUNDS:
         _ROUNDS[key] = jax.jit(solver.step)
     return _ROUNDS[key]

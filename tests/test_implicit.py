@@ -87,9 +87,9 @@ def test_cg_and_exact_solve_damped_system():
         np.testing.assert_allclose(exact["x"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_cg_matches_jax_scipy_cg_iterate_by_iterate_with_one_hvp_per_iteration():
-    """fairopt's CG has jax.scipy's iterates (from x0 = 0) after every k, but makes k HVPs, not k + 1."""
-    matrix, vector, _ = spd_problem(3)
+def counted_spd_problem(seed):
+    """:func:`spd_problem` whose HVP records every call in the returned list (jit-safe)."""
+    matrix, vector, _ = spd_problem(seed)
     matrix_j = jnp.asarray(matrix, jnp.float32)
     calls = []
 
@@ -97,6 +97,13 @@ def test_cg_matches_jax_scipy_cg_iterate_by_iterate_with_one_hvp_per_iteration()
         jax.debug.callback(lambda: calls.append(1))
         return {"x": matrix_j @ t["x"]}
 
+    return matrix, vector, counted_hvp, calls
+
+
+def test_cg_matches_jax_scipy_cg_iterate_by_iterate_with_one_hvp_per_iteration():
+    """fairopt's CG has jax.scipy's iterates (from x0 = 0) after every k, but makes k HVPs, not k + 1."""
+    matrix, vector, counted_hvp, calls = counted_spd_problem(3)
+    matrix_j = jnp.asarray(matrix, jnp.float32)
     v = {"x": jnp.asarray(vector, jnp.float32)}
     for iterations in (1, 2, 4):
         reference, _ = jax.scipy.sparse.linalg.cg(lambda t: {"x": matrix_j @ t["x"]}, v, tol=0.0, maxiter=iterations)
@@ -108,14 +115,7 @@ def test_cg_matches_jax_scipy_cg_iterate_by_iterate_with_one_hvp_per_iteration()
 
 
 def test_cg_stops_at_tolerance_and_survives_zero_curvature():
-    matrix, vector, _ = spd_problem(4)
-    matrix_j = jnp.asarray(matrix, jnp.float32)
-    calls = []
-
-    def counted_hvp(t):
-        jax.debug.callback(lambda: calls.append(1))
-        return {"x": matrix_j @ t["x"]}
-
+    matrix, vector, counted_hvp, calls = counted_spd_problem(4)
     v = {"x": jnp.asarray(vector, jnp.float32)}
     solution = implicit.cg_inverse_hvp(counted_hvp, v, max_iters=500, tol=1e-4)
     jax.effects_barrier()

@@ -119,7 +119,7 @@ class FacimsConfig:
         random numbers: ``w^a = mu^a + noise_scale * sigma^a * xi``). Each group's Monte-Carlo
         estimate keeps its distribution; only the draws of different groups become correlated.
         Drawing the noise is most of a middle step's cost on a CPU (threefry bits for
-        ``num_mc x #weights`` numbers per group), so this cuts a round's time ~2x at G = 7 and
+        ``num_mc x #weights`` numbers per group), so this cuts a round's CPU time 1.45x at G = 7 and
         makes the noise cost independent of G. False: independent draws per group.
       group_mapping: how the per-group functions run over the group axis; every choice gives
         the same values up to float rounding, inside one compiled round.
