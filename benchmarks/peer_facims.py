@@ -3,7 +3,7 @@ r"""Peer benchmark: one FACIMS epoch in fairopt (JAX) versus an eager PyTorch im
 The credit-card paper protocol (SPEC §7): the 400-200-100 ELU MLP on the credit data (22
 features, 2 classes, 7 education groups resampled to 400 training rows each), batch 50 per
 group, 10 middle steps, 5 upper steps, ``n_MC = 5``, Neumann series with 10 terms
-(``alpha = 0.1``). fairopt runs ``facims(..., FacimsConfig(inverse="neumann", inverse_terms=10))``
+(``alpha = 0.1``). fairopt runs ``facims(..., FacimsConfig(inverse="neumann", neumann_terms=10))``
 jitted; the peer (:mod:`benchmarks._torch_facims`) has the official code's structure (Python
 loops over groups, steps and Monte-Carlo draws; ``torch.autograd.grad`` HVPs with
 ``create_graph=True``) and does the same arithmetic: same objectives, shapes, step counts,
@@ -283,7 +283,7 @@ def check_same_arithmetic(jax, jnp, torch, tf, splits, original_train, protocol:
     num_classes, num_features = splits.train.num_classes, splits.train.num_features
     params, apply_fn = models.make_model("mlp", num_classes, num_features, jax.random.key(seed), hidden=(16, 8))
     config = FacimsConfig(
-        inverse="neumann", inverse_terms=protocol.inverse_terms, neumann_alpha=protocol.neumann_alpha,
+        inverse="neumann", neumann_terms=protocol.inverse_terms, neumann_alpha=protocol.neumann_alpha,
         num_mc=protocol.num_mc, hypergradient_samples=hs,
     )
     parts = facims_parts(apply_fn, config, class_counts=original_train.class_counts,
@@ -496,7 +496,7 @@ def main(argv):
 
     params, apply_fn = models.make_model("mlp", num_classes, num_features, jax.random.key(seed), hidden=protocol.hidden)
     config = FacimsConfig(
-        inverse="neumann", inverse_terms=protocol.inverse_terms, neumann_alpha=protocol.neumann_alpha,
+        inverse="neumann", neumann_terms=protocol.inverse_terms, neumann_alpha=protocol.neumann_alpha,
         middle_steps=protocol.middle_steps, upper_steps=protocol.upper_steps, num_mc=protocol.num_mc,
         hypergradient_samples=hs, group_mapping=FLAGS.group_mapping,
     )

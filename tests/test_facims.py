@@ -152,7 +152,7 @@ def test_hypergradient_of_v_matches_finite_differences():
 
 def test_partial_group_step_changes_only_the_sampled_groups():
     dataset, params, apply_fn = _tiny_problem()
-    config = FacimsConfig(num_mc=1, middle_steps=2, upper_steps=1, groups_per_step=1, inverse_terms=3)
+    config = FacimsConfig(num_mc=1, middle_steps=2, upper_steps=1, groups_per_step=1, cg_iters=3)
     solver = facims(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts, batch_size=BATCH, val_batch_size=BATCH)
     state = solver.init(jax.random.key(0), params)
     grouped = data.group_arrays(dataset)
@@ -183,7 +183,7 @@ def test_group_mappings_give_the_vmapped_round(group_mapping):
     for method in ("facims", "fams"):
         results = []
         for mapping in ("vmap", group_mapping):
-            config = FacimsConfig(method=method, num_mc=2, middle_steps=3, upper_steps=2, inverse_terms=3, group_mapping=mapping)
+            config = FacimsConfig(method=method, num_mc=2, middle_steps=3, upper_steps=2, cg_iters=3, group_mapping=mapping)
             solver = facims(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts,
                             batch_size=BATCH, val_batch_size=BATCH)
             state = solver.init(jax.random.key(0), params)
@@ -224,7 +224,7 @@ def test_short_run_beats_erm_on_balanced_accuracy():
     erm_state, _ = fit(erm_solver, erm_solver.init(None, params), train.features, train.labels, train.groups,
                        epochs=20, batch_size=64, key=jax.random.key(1))
 
-    config = FacimsConfig(num_mc=2, middle_steps=5, upper_steps=2, inverse_terms=5, num_eval_samples=5)
+    config = FacimsConfig(num_mc=2, middle_steps=5, upper_steps=2, cg_iters=5, num_eval_samples=5)
     solver = facims(apply_fn, config, class_counts=train.class_counts, group_counts=train.group_counts)
     state = solver.init(jax.random.key(2), params)
     step = jax.jit(solver.step)

@@ -58,7 +58,7 @@ Decisions and deviations from the official code (see also ``SPEC.md`` §7):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,7 @@ import optax
 from fairopt import implicit, losses, posterior, sam
 from fairopt.data.batching import GroupedArrays, sample_group_batch
 from fairopt.losses import masked_mean
+from fairopt.sweep import HyperparameterConfig
 from fairopt.train import Solver
 
 METHODS = ("facims", "facims_i", "facims_ii", "fams")
@@ -77,61 +78,98 @@ VALIDATION_LOSSES = ("vs_bar", "balanced_ce")
 SHARPNESS_SCALINGS = ("uniform", "frequency")
 GROUP_MAPPINGS = ("vmap", "unroll", "map", "auto")
 
+OptimizerFactory = Callable[[jax.Array], optax.GradientTransformation]
+
+
+class FacimsHyperparams(NamedTuple):
+    """The numeric settings of :class:`FacimsConfig`, traced: a sweep over them is one program."""
+
+    alpha_low: jax.Array
+    alpha_up: jax.Array
+    sharpness: jax.Array
+    local_learning_rate: jax.Array
+    global_learning_rate: jax.Array
+    global_decay: jax.Array
+    hparam_learning_rate: jax.Array
+    hparam_momentum: jax.Array
+    hparam_max_grad_norm: jax.Array
+    neumann_alpha: jax.Array
+    init_std: jax.Array
+    noise_scale: jax.Array
+    log_std_min: jax.Array
+    log_std_max: jax.Array
+    tau: jax.Array
+
 
 @dataclasses.dataclass(frozen=True)
-class FacimsConfig:
-    """Hyperparameters of :func:`facims`; defaults are the official credit/drug settings.
+class FacimsConfig(HyperparameterConfig):
+    """Settings of :func:`facims`; defaults are the official credit/drug settings except where
+    the module docstring says otherwise.
+
+    The fields named in :class:`FacimsHyperparams` are *hyperparameters*: numbers that
+    ``init`` stores in the state and ``step`` reads from there, so changing one never
+    recompiles and ``jax.vmap`` sweeps over them (:mod:`fairopt.sweep`). The other fields are
+    static: they change the compiled program.
 
     Attributes:
-      method: one of :data:`METHODS`.
-      alpha_low: weight of ``D(Z^a || Z)`` in the lower/middle level.
-      alpha_up: weight of ``D(Z^a* || Z)`` in the upper level.
-      sharpness: SAM radius beta (forced to 0 by ``facims_i``, ``facims_ii`` and ``fams``).
-      sharpness_scaling: ``"uniform"`` (beta^a = beta) or ``"frequency"``
-        (beta^a = beta * sqrt(mean_n / n_a), larger radius for smaller groups, mean-normalised).
-      middle_steps: middle-level steps per round. upper_steps: upper-level steps per round.
+      method: facims, facims_i (no SAM), facims_ii (no SAM, VS loss frozen at v_bar) or fams.
+      alpha_low: weight of D(Z^a || Z) in the lower/middle level.
+      alpha_up: weight of D(Z^a* || Z) in the upper level.
+      sharpness: SAM radius beta (no effect in facims_i, facims_ii and fams).
+      sharpness_scaling: uniform (beta^a = beta) or frequency (beta^a = beta sqrt(mean_n / n_a),
+        mean-normalised over the groups: a larger radius for smaller groups).
+      middle_steps: middle-level steps per round.
+      upper_steps: upper-level steps per round.
       num_mc: Monte-Carlo weight draws per loss evaluation.
-      hypergradient_samples: how many of the last middle step's ``num_mc`` draws define the
-        inner objective whose Hessian the hypergradient inverts (the Hessian-vector products are
-        most of a round's cost, linear in this number; 1 by default, a stochastic estimate).
-      local_learning_rate: Adagrad step of the local posteriors.
-      global_learning_rate: Adagrad step of the global posterior, times ``global_decay`` per round.
-      hparam_learning_rate, hparam_momentum: SGD on ``v``.
-      hparam_max_grad_norm: the hypergradient of ``v`` is clipped to this global norm first (the
-        upper objective sums the divergence over every weight, so in the first rounds its
-        hypergradient reaches 1e4 and unclipped SGD drove ``log Delta`` to 143, then NaN, on a
+      hypergradient_samples: Monte-Carlo draws (of the last middle step's num_mc) inside the
+        hypergradient's Hessian; its Hessian-vector products, most of a round's cost, are linear
+        in this number.
+      local_learning_rate: step of the local posteriors' optimiser (Adagrad by default).
+      global_learning_rate: step of the global posterior's optimiser (Adagrad by default), times
+        global_decay per round.
+      global_decay: per-round decay of the global step.
+      hparam_learning_rate: step of the VS hyperparameters' optimiser (SGD by default).
+      hparam_momentum: momentum of the default VS-hyperparameter SGD.
+      hparam_max_grad_norm: the hypergradient of v is clipped to this global norm first (in the
+        first rounds it reaches 1e4 and unclipped SGD drove log Delta to 143, then NaN, on a
         credit-card seed).
-      divergence: ``"kl"`` or ``"w2"``.
-      inverse: ``"cg"``, ``"neumann"`` or ``"exact"`` (tiny models only).
-      neumann_alpha, inverse_terms: Neumann step / number of terms (also CG iterations).
-      init_std: initial std ``sigma`` of every posterior (as seen by the divergence).
-      noise_scale: weights are sampled as ``mu + noise_scale * sigma * xi`` (module docstring).
-      log_std_range: every posterior's ``log sigma`` is clipped to this interval after each
-        update, so that ``exp(2 (log sigma_q - log sigma_p))`` in the KL cannot overflow (Adagrad
-        moves every coordinate by about its step in the first updates; without the clip a
-        credit-card seed reached NaN at round 4).
-      tau: logit-adjustment temperature of ``v_bar``.
-      validation_loss: ``"vs_bar"`` or ``"balanced_ce"`` (``L_bal``).
-      hparams_per_group: ``v`` indexed by (class, group) (eq. 4.2 of AutoBalance) instead of class.
-      groups_per_step: size of the random subset A' of groups per step (None: all groups).
-      num_eval_samples: Monte-Carlo draws of ``Z`` for prediction.
-      common_noise: every group's weight draws use the same standard-normal ``xi`` (common
-        random numbers: ``w^a = mu^a + noise_scale * sigma^a * xi``). Each group's Monte-Carlo
-        estimate keeps its distribution; only the draws of different groups become correlated.
-        Drawing the noise is most of a middle step's cost on a CPU (threefry bits for
-        ``num_mc x #weights`` numbers per group), so this cuts a round's CPU time 1.45x at G = 7 and
-        makes the noise cost independent of G. False: independent draws per group.
-      group_mapping: how the per-group functions run over the group axis; every choice gives
-        the same values up to float rounding, inside one compiled round.
-        ``"vmap"``: one ``jax.vmap`` over all G groups, one batched kernel per operation (the
-        choice for accelerators and for sharding the group axis over devices).
-        ``"unroll"``: a Python loop over the groups traced into the program, G independent
-        copies of each per-group computation that XLA:CPU runs concurrently on its cores
-        (credit, G = 7, 2-core CPU: 1.19 s per round against 1.71 s vmapped; compilation grows
-        with G, 71 s against 25 s).
-        ``"map"``: ``jax.lax.map``, a compiled loop over groups one at a time (least memory).
-        ``"auto"``: ``"unroll"`` on a CPU backend when G <= 16, else ``"vmap"``.
+      divergence: kl (the paper) or w2 (what the official code ran).
+      inverse: inverse-Hessian-vector product of the hypergradient: cg, neumann or exact (tiny
+        models only).
+      neumann_alpha: Neumann series step.
+      neumann_terms: Neumann series terms J (inverse=neumann).
+      cg_iters: conjugate-gradient iterations (inverse=cg), >= 1.
+      init_std: initial std sigma of every posterior (as seen by the divergence).
+      noise_scale: weights are sampled as mu + noise_scale * sigma * xi (module docstring).
+      log_std_min: every posterior's log sigma is clipped to [log_std_min, log_std_max] after each
+        update, so that exp(2 (log sigma_q - log sigma_p)) in the KL cannot overflow (without the
+        clip a credit-card seed reached NaN at round 4).
+      log_std_max: upper end of the log sigma clip.
+      tau: logit-adjustment temperature of v_bar.
+      validation_loss: the upper-level balanced loss L_bal: vs_bar or balanced_ce.
+      hparams_per_group: VS hyperparameters v indexed by (class, group) (eq. 4.2 of AutoBalance).
+      groups_per_step: partial-group setting: the size of the random subset A' of groups per round
+        (None: every group).
+      num_eval_samples: Monte-Carlo draws of Z for prediction.
+      common_noise: every group's weight draws use the same standard-normal xi (common random
+        numbers; each group's estimate keeps its distribution, only the groups' draws become
+        correlated). It cuts a round's CPU time 1.45x at G = 7 on a CPU.
+      group_mapping: how the per-group functions run over the group axis, inside one compiled
+        round (every choice gives the same values up to float rounding): vmap (one batched
+        kernel per operation; accelerators, sharded group axes), unroll (G traced copies that
+        XLA:CPU runs concurrently; faster on a CPU, longer to compile), map (jax.lax.map, least
+        memory) or auto (unroll on a CPU backend when G <= 16, else vmap).
     """
+
+    Hyperparams: ClassVar[type] = FacimsHyperparams
+    CHOICES: ClassVar[dict] = {
+        "method": METHODS,
+        "divergence": DIVERGENCES,
+        "inverse": INVERSES,
+        "validation_loss": VALIDATION_LOSSES,
+        "sharpness_scaling": SHARPNESS_SCALINGS,
+        "group_mapping": GROUP_MAPPINGS,
+    }
 
     method: str = "facims"
     alpha_low: float = 0.7
@@ -151,44 +189,50 @@ class FacimsConfig:
     divergence: str = "kl"
     inverse: str = "cg"
     neumann_alpha: float = 0.1
-    inverse_terms: int = 5
+    neumann_terms: int = 10
+    cg_iters: int = 5
     init_std: float = 1.0
     noise_scale: float = 0.08
-    log_std_range: tuple[float, float] = (-7.0, 2.0)
+    log_std_min: float = -7.0
+    log_std_max: float = 2.0
     tau: float = 1.0
     validation_loss: str = "vs_bar"
     hparams_per_group: bool = False
     groups_per_step: int | None = None
     num_eval_samples: int = 20
     common_noise: bool = True
-    group_mapping: str = "vmap"
+    group_mapping: str = "auto"
 
     def __post_init__(self):
-        for name, value, choices in (
-            ("method", self.method, METHODS),
-            ("divergence", self.divergence, DIVERGENCES),
-            ("inverse", self.inverse, INVERSES),
-            ("validation_loss", self.validation_loss, VALIDATION_LOSSES),
-            ("sharpness_scaling", self.sharpness_scaling, SHARPNESS_SCALINGS),
-            ("group_mapping", self.group_mapping, GROUP_MAPPINGS),
-        ):
-            if value not in choices:
-                raise ValueError(f"FacimsConfig.{name}={value!r}; choose one of {', '.join(choices)}")
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"FacimsConfig.{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        for name in self.hyperparameter_names():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+                raise ValueError(f"FacimsConfig.{name} must be a finite number, got {value!r}")
         for name in ("alpha_low", "alpha_up", "sharpness", "hparam_momentum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FacimsConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("local_learning_rate", "global_learning_rate", "global_decay", "init_std", "noise_scale", "neumann_alpha", "hparam_max_grad_norm"):
+        for name in ("local_learning_rate", "global_learning_rate", "global_decay", "init_std", "noise_scale",
+                     "neumann_alpha", "hparam_max_grad_norm", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FacimsConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("middle_steps", "num_mc", "num_eval_samples", "hypergradient_samples"):
+        for name in ("middle_steps", "num_mc", "num_eval_samples", "hypergradient_samples", "cg_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FacimsConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("upper_steps", "inverse_terms"):
+        for name in ("upper_steps", "neumann_terms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FacimsConfig.{name} must be >= 0, got {getattr(self, name)}")
-        low, high = self.log_std_range
-        if not low < high:
-            raise ValueError(f"FacimsConfig.log_std_range must be (low, high) with low < high, got {self.log_std_range}")
+        if not self.log_std_min < self.log_std_max:
+            raise ValueError(
+                f"FacimsConfig.log_std_min={self.log_std_min} must be below log_std_max={self.log_std_max}"
+            )
+        if not self.log_std_min <= np.log(self.init_std) <= self.log_std_max:
+            raise ValueError(
+                f"FacimsConfig.init_std={self.init_std} lies outside the clip range exp([log_std_min, log_std_max]) = "
+                f"[{np.exp(self.log_std_min):.3g}, {np.exp(self.log_std_max):.3g}]"
+            )
         if self.hypergradient_samples > self.num_mc:
             raise ValueError(
                 f"FacimsConfig.hypergradient_samples={self.hypergradient_samples} exceeds num_mc={self.num_mc}; "
@@ -198,8 +242,9 @@ class FacimsConfig:
             raise ValueError(f"FacimsConfig.groups_per_step must be None or >= 1, got {self.groups_per_step}")
 
     @property
-    def effective_sharpness(self) -> float:
-        return self.sharpness if self.method == "facims" else 0.0
+    def uses_sharpness(self) -> bool:
+        """Only FACIMS proper takes the SAM step (FACIMS-I/II and FAMS have beta = 0)."""
+        return self.method == "facims"
 
     @property
     def learns_hparams(self) -> bool:
@@ -217,6 +262,14 @@ class VSParams(NamedTuple):
     log_scale: jax.Array  # [K] or [K, G]
 
 
+class FacimsData(NamedTuple):
+    """What one FACIMS round consumes: every group's training and validation rows
+    (:func:`fairopt.data.group_arrays`, leaves ``[G, N, ...]``)."""
+
+    train: GroupedArrays
+    val: GroupedArrays
+
+
 class FacimsState(NamedTuple):
     global_posterior: posterior.Gaussian
     local_posteriors: posterior.Gaussian  # leaves [G, ...]
@@ -226,43 +279,75 @@ class FacimsState(NamedTuple):
     hparam_opt_state: Any
     rounds: jax.Array  # int32: completed rounds
     key: jax.Array
+    hyperparams: FacimsHyperparams
+    class_counts: jax.Array  # float32 [K]: training rows per class (v_bar, the balanced loss)
+    group_counts: jax.Array  # float32 [G]: training rows per group before resampling (SAM radii)
 
 
-def logit_adjusted_vs_params(class_counts, num_groups: int, *, tau: float, per_group: bool) -> VSParams:
-    """``v_bar``: shift ``tau log pi_k`` (pi from the training counts), scale 1."""
-    counts = np.asarray(class_counts, np.float64)
-    if counts.ndim != 1 or np.any(counts <= 0):
-        raise ValueError(
-            f"class_counts must be a positive vector [K], got {counts}; every class needs training rows"
-        )
-    shift = tau * np.log(counts / counts.sum())
-    shift = jnp.asarray(shift, jnp.float32)
+def logit_adjusted_vs_params(class_counts, num_groups: int, *, tau, per_group: bool) -> VSParams:
+    """``v_bar``: shift ``tau log pi_k`` (pi from the training counts), scale 1 (traceable)."""
+    counts = jnp.asarray(class_counts, jnp.float32)
+    shift = jnp.asarray(tau, jnp.float32) * jnp.log(counts / jnp.sum(counts))
     if per_group:
         shift = jnp.repeat(shift[:, None], num_groups, axis=1)
     return VSParams(shift, jnp.zeros_like(shift))
 
 
-def group_sharpness(config: FacimsConfig, group_counts) -> jax.Array:
-    """Per-group SAM radius beta^a [G] (see :class:`FacimsConfig`)."""
-    counts = np.asarray(group_counts, np.float64)
-    beta = np.full(counts.shape, config.effective_sharpness)
+def group_sharpness(config: FacimsConfig, group_counts, sharpness=None) -> jax.Array:
+    """Per-group SAM radius beta^a [G] (see :class:`FacimsConfig`); traceable in the counts and
+    ``sharpness`` (default ``config.sharpness``). Zero unless the method takes SAM steps."""
+    counts = jnp.asarray(group_counts, jnp.float32)
+    sharpness = config.sharpness if sharpness is None else sharpness
+    beta = jnp.full(counts.shape, jnp.asarray(sharpness, jnp.float32) * float(config.uses_sharpness))
     if config.sharpness_scaling == "frequency":
-        scale = np.sqrt(counts[counts > 0].mean() / np.maximum(counts, 1.0))
-        beta = beta * scale / scale[counts > 0].mean()
-    return jnp.asarray(beta, jnp.float32)
+        present = counts > 0
+        mean_count = jnp.sum(jnp.where(present, counts, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+        scale = jnp.sqrt(mean_count / jnp.maximum(counts, 1.0))
+        scale_mean = jnp.sum(jnp.where(present, scale, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+        beta = beta * scale / scale_mean
+    return beta
+
+
+def _check_counts(class_counts, group_counts) -> tuple[np.ndarray, np.ndarray]:
+    class_counts, group_counts = np.asarray(class_counts), np.asarray(group_counts)
+    if class_counts.ndim != 1 or class_counts.size < 2 or np.any(class_counts <= 0):
+        raise ValueError(
+            f"class_counts must be a positive vector [K] with K >= 2, got {class_counts}; every class needs training rows"
+        )
+    if group_counts.ndim != 1 or group_counts.size < 1 or np.any(group_counts < 0):
+        raise ValueError(f"group_counts must be a non-negative vector [G] with G >= 1, got {group_counts}")
+    return class_counts, group_counts
+
+
+def _as_factory(optimizer, name: str) -> OptimizerFactory | None:
+    """An optimiser slot: ``None`` (the default), a factory ``learning_rate -> GradientTransformation``
+    (``optax.adagrad``, ``optax.adam``, ``functools.partial(optax.sgd, momentum=0.9)``, ...: the
+    learning rate stays a traced hyperparameter) or a ready ``GradientTransformation`` (used as it
+    is: the config's learning rate for that level then has no effect)."""
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, optax.GradientTransformation):
+        return lambda learning_rate: optimizer
+    if callable(optimizer):
+        return optimizer
+    raise TypeError(
+        f"{name} must be an optax GradientTransformation or a factory learning_rate -> GradientTransformation "
+        f"(e.g. optax.adagrad), got {type(optimizer).__name__}"
+    )
 
 
 class FacimsParts(NamedTuple):
-    """The per-group building blocks of :func:`facims` (exposed for tests and custom loops).
+    """The per-group building blocks of :func:`facims` for one set of hyperparameters (exposed
+    for tests, benchmarks and custom loops).
 
-    Every function acts on ONE group; the solver ``jax.vmap``s them over the group axis.
+    Every function acts on ONE group; the solver maps them over the group axis.
     """
 
     v_bar: VSParams
     sharpness: jax.Array  # beta^a [G]
     divergence: Callable
     local_optimizer: optax.GradientTransformation
-    global_optimizer: optax.GradientTransformation
+    global_optimizer: optax.GradientTransformation  # at the undecayed global step
     hparam_optimizer: optax.GradientTransformation
     inner_objective: Callable  # (local_q, global_q, vs_params, batch, noise, group, perturbation=None)
     upper_objective: Callable  # (local_q, global_q, val_batch, global_noise, group)
@@ -270,33 +355,52 @@ class FacimsParts(NamedTuple):
     group_hypergradient: Callable  # (local_q, global_q, vs_params, batch, noise, val_batch, global_noise, group)
     fams_global_gradient: Callable  # (local_q, global_q)
     sample_weights: Callable  # (q, standard_normal_noise) -> weights
-    clip_log_std: Callable  # (q) -> q with log_std clipped to config.log_std_range
+    clip_log_std: Callable  # (q) -> q with log_std clipped to [log_std_min, log_std_max]
 
 
 def facims_parts(
-    apply_fn: Callable[[Any, jax.Array], jax.Array], config: FacimsConfig, *, class_counts, group_counts
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    config: FacimsConfig,
+    *,
+    class_counts,
+    group_counts,
+    hyperparams: FacimsHyperparams | None = None,
+    local_optimizer=None,
+    global_optimizer=None,
+    hparam_optimizer=None,
 ) -> FacimsParts:
-    """Build the per-group functions of FACIMS (see :class:`FacimsParts` and the module docstring)."""
-    class_counts = np.asarray(class_counts)
-    group_counts = np.asarray(group_counts)
-    num_classes, num_groups = len(class_counts), len(group_counts)
+    """The per-group functions of :func:`facims` at ``hyperparams`` (default: the config's
+    numbers). ``class_counts`` / ``group_counts`` may be traced arrays."""
+    hyperparams = config.hyperparams() if hyperparams is None else hyperparams
+    return _group_functions(
+        apply_fn,
+        config,
+        hyperparams,
+        class_counts=class_counts,
+        group_counts=group_counts,
+        optimizers=(
+            _as_factory(local_optimizer, "local_optimizer"),
+            _as_factory(global_optimizer, "global_optimizer"),
+            _as_factory(hparam_optimizer, "hparam_optimizer"),
+        ),
+    )
+
+
+def _group_functions(apply_fn, config: FacimsConfig, h: FacimsHyperparams, *, class_counts, group_counts,
+                     optimizers, global_learning_rate=None) -> FacimsParts:
+    """Build the per-group functions for the (possibly traced) hyperparameters ``h``."""
+    num_classes, num_groups = int(jnp.shape(class_counts)[0]), int(jnp.shape(group_counts)[0])
     divergence = posterior.divergence(config.divergence)
-    v_bar = logit_adjusted_vs_params(
-        class_counts, num_groups, tau=config.tau, per_group=config.hparams_per_group
-    )
-    beta = group_sharpness(config, group_counts)
-    local_optimizer = optax.adagrad(config.local_learning_rate)
-    global_optimizer = optax.adagrad(
-        optax.exponential_decay(
-            config.global_learning_rate,
-            transition_steps=max(config.upper_steps, 1),
-            decay_rate=config.global_decay,
-            staircase=True,
-        )
-    )
+    v_bar = logit_adjusted_vs_params(class_counts, num_groups, tau=h.tau, per_group=config.hparams_per_group)
+    beta = group_sharpness(config, group_counts, h.sharpness)
+    local_factory, global_factory, hparam_factory = optimizers
+    local_optimizer = (local_factory or optax.adagrad)(h.local_learning_rate)
+    global_lr = h.global_learning_rate if global_learning_rate is None else global_learning_rate
+    global_optimizer = (global_factory or optax.adagrad)(global_lr)
     hparam_optimizer = optax.chain(
-        optax.clip_by_global_norm(config.hparam_max_grad_norm),
-        optax.sgd(config.hparam_learning_rate, momentum=config.hparam_momentum),
+        optax.clip_by_global_norm(h.hparam_max_grad_norm),
+        hparam_factory(h.hparam_learning_rate) if hparam_factory is not None
+        else optax.sgd(h.hparam_learning_rate, momentum=h.hparam_momentum),
     )
 
     # ---- losses -------------------------------------------------------------------------------
@@ -308,11 +412,12 @@ def facims_parts(
         return dict(shift=shift, scale=scale)
 
     def clip_log_std(q: posterior.Gaussian) -> posterior.Gaussian:
-        low, high = config.log_std_range
-        return q._replace(log_std=jax.tree_util.tree_map(lambda s: jnp.clip(s, low, high), q.log_std))
+        return q._replace(
+            log_std=jax.tree_util.tree_map(lambda s: jnp.clip(s, h.log_std_min, h.log_std_max), q.log_std)
+        )
 
     def scaled(noise):
-        return jax.tree_util.tree_map(lambda e: config.noise_scale * e, noise)
+        return jax.tree_util.tree_map(lambda e: h.noise_scale * e, noise)
 
     def sample_weights(q: posterior.Gaussian, noise):
         """``mu + noise_scale * sigma * xi`` for standard-normal ``noise`` (module docstring)."""
@@ -346,18 +451,18 @@ def facims_parts(
             mean=jax.tree_util.tree_map(jnp.add, local_q.mean, perturbation)
         )
         data_term = mc_mean(lambda w: train_loss(w, vs_params, x, y, mask, group), shifted, noise)
-        return config.alpha_low * divergence(local_q, global_q) + data_term
+        return h.alpha_low * divergence(local_q, global_q) + data_term
 
     def upper_objective(local_q, global_q, val_batch, global_noise, group):
         """``alpha_up D(Z^a || Z) + E_{w ~ Z} L_bal(w; V^a)`` (7a), one group's term."""
         x, y, mask = val_batch
         data_term = mc_mean(lambda w: validation_loss(w, x, y, mask, group), global_q, global_noise)
-        return config.alpha_up * divergence(local_q, global_q) + data_term
+        return h.alpha_up * divergence(local_q, global_q) + data_term
 
     # ---- one middle step for one group ----------------------------------------------------------
 
     def middle_step(local_q, opt_state, global_q, vs_params, batch, noise, group, radius, active):
-        if config.effective_sharpness > 0:
+        if config.uses_sharpness:
             x, y, mask = batch
             data_term = lambda mean: mc_mean(  # noqa: E731
                 lambda w: train_loss(w, vs_params, x, y, mask, group), local_q._replace(mean=mean), noise
@@ -394,14 +499,14 @@ def facims_parts(
             local_q,
             (global_q, vs_params),
             inverse=config.inverse,
-            alpha=config.neumann_alpha,
-            num_terms=config.inverse_terms,
-            cg_iters=config.inverse_terms,
+            alpha=h.neumann_alpha,
+            num_terms=config.neumann_terms,
+            cg_iters=config.cg_iters,
         )
         return grad_global, grad_vs, outer(local_q, (global_q, vs_params))
 
     def fams_global_gradient(local_q, global_q):
-        value, grad_global = jax.value_and_grad(lambda g: config.alpha_up * divergence(local_q, g))(global_q)
+        value, grad_global = jax.value_and_grad(lambda g: h.alpha_up * divergence(local_q, g))(global_q)
         return grad_global, value
 
     return FacimsParts(
@@ -421,6 +526,28 @@ def facims_parts(
     )
 
 
+def _check_round_input(data, num_groups: int, num_features: int | None) -> FacimsData:
+    """The round's input as :class:`FacimsData`, or a TypeError / ValueError naming what is expected."""
+    expected = (
+        "FacimsData(train, val) (or a (train, val) tuple) of fairopt.data.GroupedArrays "
+        "from fairopt.data.group_arrays"
+    )
+    if not (isinstance(data, tuple) and len(data) == 2 and all(isinstance(part, GroupedArrays) for part in data)):
+        got = type(data).__name__
+        if isinstance(data, tuple):
+            got += "(" + ", ".join(type(part).__name__ for part in data) + ")"
+        raise TypeError(f"the FACIMS step takes {expected}; got {got}")
+    train, val = data
+    for name, part in (("train", train), ("val", val)):
+        groups_axis = part.count.shape[-1]
+        if groups_axis != num_groups:
+            raise ValueError(
+                f"the FACIMS {name} arrays have {groups_axis} groups but the solver was built for {num_groups} "
+                "(group_counts); pass num_groups to data.group_arrays or build the solver from this dataset's counts"
+            )
+    return FacimsData(train, val)
+
+
 def facims(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     config: FacimsConfig,
@@ -429,57 +556,88 @@ def facims(
     group_counts,
     batch_size: int = 50,
     val_batch_size: int = 50,
+    local_optimizer=None,
+    global_optimizer=None,
+    hparam_optimizer=None,
 ) -> Solver:
     """The FACIMS solver (module docstring) as pure ``init / step / predict`` functions.
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits``; a parameter pytree is a network.
-      config: :class:`FacimsConfig`.
-      class_counts: training rows per class [K] (for ``v_bar`` and the balanced loss).
-      group_counts: training rows per group [G] before any resampling (frequency-scaled SAM).
+      config: :class:`FacimsConfig` (its static fields fix the program; its numbers are only the
+        defaults of ``init``'s ``hyperparams``).
+      class_counts: training rows per class [K] (``v_bar`` and the balanced loss); the default of
+        ``init``'s ``class_counts`` (only K is fixed by the program).
+      group_counts: training rows per group [G] before any resampling (frequency-scaled SAM); the
+        default of ``init``'s ``group_counts`` (only G is fixed).
       batch_size: train rows per group per middle step. val_batch_size: per upper step.
+      local_optimizer, global_optimizer, hparam_optimizer: the optimisers of the three levels:
+        None (Adagrad, Adagrad, SGD with ``hparam_momentum``), a factory
+        ``learning_rate -> optax.GradientTransformation`` such as ``optax.adam`` (the config's
+        learning rate of that level stays a traced hyperparameter; the global one arrives
+        decayed by ``global_decay ** rounds``), or a ready transformation (used as it is).
+        The hypergradient of ``v`` is always clipped to ``hparam_max_grad_norm`` first.
 
     Returns:
-      A :class:`fairopt.train.Solver`: ``init(key, params) -> FacimsState``;
-      ``step(state, (train: GroupedArrays, val: GroupedArrays)) -> (state, metrics)`` runs one round;
-      ``predict(state, x)`` is the Monte-Carlo average of the global posterior's probabilities.
+      A :class:`fairopt.train.Solver`:
+      ``init(key, params, hyperparams=None, *, class_counts=None, group_counts=None) -> FacimsState``
+      (every argument may be batched with ``jax.vmap`` for a sweep);
+      ``step(state, FacimsData(train, val)) -> (state, metrics)`` runs one round;
+      ``predict(state, x, key=None)`` is the Monte-Carlo average of the global posterior's
+      probabilities over ``num_eval_samples`` draws (``key=None``: drawn from the state's key,
+      so a state always predicts the same).
     """
-    class_counts = np.asarray(class_counts)
-    group_counts = np.asarray(group_counts)
+    if not isinstance(config, FacimsConfig):
+        raise TypeError(f"config must be a FacimsConfig, got {type(config).__name__}")
+    class_counts, group_counts = _check_counts(class_counts, group_counts)
     num_classes, num_groups = len(class_counts), len(group_counts)
-    if num_classes < 2 or num_groups < 1:
-        raise ValueError(f"need >= 2 classes and >= 1 group, got K={num_classes}, G={num_groups}")
     if batch_size < 1 or val_batch_size < 1:
         raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {val_batch_size}")
     if config.groups_per_step is not None and config.groups_per_step > num_groups:
         raise ValueError(f"groups_per_step={config.groups_per_step} exceeds the {num_groups} groups")
-    parts = facims_parts(apply_fn, config, class_counts=class_counts, group_counts=group_counts)
-    divergence, v_bar, beta = parts.divergence, parts.v_bar, parts.sharpness
-    local_optimizer, global_optimizer, hparam_optimizer = (
-        parts.local_optimizer,
-        parts.global_optimizer,
-        parts.hparam_optimizer,
+    optimizers = (
+        _as_factory(local_optimizer, "local_optimizer"),
+        _as_factory(global_optimizer, "global_optimizer"),
+        _as_factory(hparam_optimizer, "hparam_optimizer"),
     )
-    middle_step, group_hypergradient, fams_global_gradient = (
-        parts.middle_step,
-        parts.group_hypergradient,
-        parts.fams_global_gradient,
-    )
+
+    def parts_for(state: FacimsState, global_learning_rate=None) -> FacimsParts:
+        return _group_functions(
+            apply_fn, config, state.hyperparams, class_counts=state.class_counts, group_counts=state.group_counts,
+            optimizers=optimizers, global_learning_rate=global_learning_rate,
+        )
 
     # ---- solver functions -----------------------------------------------------------------------
 
-    def init(key, params) -> FacimsState:
-        global_q = posterior.gaussian_init(params, init_std=config.init_std)
+    def init(key, params, hyperparams: FacimsHyperparams | None = None, *, class_counts=class_counts,
+             group_counts=group_counts) -> FacimsState:
+        hyperparams = config.hyperparams() if hyperparams is None else hyperparams
+        if not isinstance(hyperparams, FacimsHyperparams):
+            raise TypeError(f"hyperparams must be a FacimsHyperparams (config.hyperparams()), got {type(hyperparams).__name__}")
+        counts = jnp.asarray(class_counts, jnp.float32), jnp.asarray(group_counts, jnp.float32)
+        if counts[0].shape != (num_classes,) or counts[1].shape != (num_groups,):
+            raise ValueError(
+                f"init's class_counts / group_counts must have shapes ({num_classes},) / ({num_groups},) like the "
+                f"solver's, got {counts[0].shape} / {counts[1].shape}"
+            )
+        hyperparams = FacimsHyperparams(*(jnp.asarray(value, jnp.float32) for value in hyperparams))
+        log_std = jnp.log(hyperparams.init_std)
+        global_q = posterior.Gaussian(
+            jax.tree_util.tree_map(jnp.asarray, params),
+            jax.tree_util.tree_map(lambda leaf: jnp.full(jnp.shape(leaf), log_std, jnp.result_type(leaf)), params),
+        )
         local_q = jax.tree_util.tree_map(lambda leaf: jnp.repeat(leaf[None], num_groups, axis=0), global_q)
-        return FacimsState(
-            global_posterior=global_q,
-            local_posteriors=local_q,
-            vs_params=v_bar,
-            local_opt_state=jax.vmap(local_optimizer.init)(local_q),
-            global_opt_state=global_optimizer.init(global_q),
-            hparam_opt_state=hparam_optimizer.init(v_bar),
-            rounds=jnp.zeros((), jnp.int32),
-            key=key,
+        state = FacimsState(
+            global_posterior=global_q, local_posteriors=local_q, vs_params=None, local_opt_state=None,
+            global_opt_state=None, hparam_opt_state=None, rounds=jnp.zeros((), jnp.int32), key=key,
+            hyperparams=hyperparams, class_counts=counts[0], group_counts=counts[1],
+        )
+        parts = parts_for(state)
+        return state._replace(
+            vs_params=parts.v_bar,
+            local_opt_state=jax.vmap(parts.local_optimizer.init)(local_q),
+            global_opt_state=parts.global_optimizer.init(global_q),
+            hparam_opt_state=parts.hparam_optimizer.init(parts.v_bar),
         )
 
     def active_groups(key, train: GroupedArrays):
@@ -518,7 +676,11 @@ def facims(
         return mapped
 
     def step(state: FacimsState, data):
-        train, val = data
+        train, val = _check_round_input(data, num_groups, None)
+        h = state.hyperparams
+        # The global step of this round: global_learning_rate * global_decay ** rounds.
+        parts = parts_for(state, h.global_learning_rate * h.global_decay ** state.rounds.astype(jnp.float32))
+        beta = parts.sharpness
         key, round_key = jax.random.split(state.key)
         middle_key, upper_key, active_key, _ = jax.random.split(round_key, 4)  # 4: the streams of recorded runs
         middle_keys = jax.random.split(middle_key, (config.middle_steps, 2))
@@ -547,7 +709,7 @@ def facims(
             local_q, opt_state = carry
             batch, noise = middle_draw(*step_keys)
             local_q, opt_state, loss = over_groups(
-                middle_step, in_axes=(0, 0, None, None, 0, noise_axis, 0, 0, 0)
+                parts.middle_step, in_axes=(0, 0, None, None, 0, noise_axis, 0, 0, 0)
             )(local_q, opt_state, global_q, vs_params, batch, noise, groups, beta, active)
             return (local_q, opt_state), jnp.sum(jnp.where(active, loss, 0.0)) / jnp.maximum(jnp.sum(active), 1)
 
@@ -572,19 +734,19 @@ def facims(
                 val_batch = sample_group_batch(val_key, val, val_batch_size)
                 global_noise = noise_for(noise_key, global_q, None)
                 grad_global, grad_vs, values = over_groups(
-                    group_hypergradient, in_axes=(0, None, None, 0, noise_axis, 0, None, 0)
+                    parts.group_hypergradient, in_axes=(0, None, None, 0, noise_axis, 0, None, 0)
                 )(local_q, global_q, vs_params, last_batch, last_noise, val_batch, global_noise, groups)
             else:
-                grad_global, values = jax.vmap(fams_global_gradient, in_axes=(0, None))(local_q, global_q)
+                grad_global, values = jax.vmap(parts.fams_global_gradient, in_axes=(0, None))(local_q, global_q)
                 grad_vs = jax.tree_util.tree_map(lambda leaf: jnp.zeros((num_groups,) + leaf.shape), vs_params)
             average = lambda tree: jax.tree_util.tree_map(  # noqa: E731
                 lambda leaf: jnp.tensordot(weight, leaf, axes=1), tree
             )
             grad_global, grad_vs = average(grad_global), average(grad_vs)
-            updates, global_opt_state = global_optimizer.update(grad_global, global_opt_state, global_q)
+            updates, global_opt_state = parts.global_optimizer.update(grad_global, global_opt_state, global_q)
             global_q = parts.clip_log_std(optax.apply_updates(global_q, updates))
             if config.learns_hparams:
-                updates, hparam_opt_state = hparam_optimizer.update(grad_vs, hparam_opt_state, vs_params)
+                updates, hparam_opt_state = parts.hparam_optimizer.update(grad_vs, hparam_opt_state, vs_params)
                 vs_params = optax.apply_updates(vs_params, updates)
             return (global_q, vs_params, global_opt_state, hparam_opt_state), jnp.sum(weight * values)
 
@@ -593,7 +755,7 @@ def facims(
             (global_q, vs_params, state.global_opt_state, state.hparam_opt_state),
             (upper_keys[:, 0], upper_keys[:, 1]),
         )
-        new_state = FacimsState(
+        new_state = state._replace(
             global_posterior=global_q,
             local_posteriors=local_q,
             vs_params=vs_params,
@@ -606,15 +768,18 @@ def facims(
         metrics = {
             "middle_loss": middle_losses[-1],
             "upper_loss": upper_values[-1] if config.upper_steps else jnp.zeros(()),
-            "divergence": jnp.mean(jax.vmap(divergence, in_axes=(0, None))(local_q, global_q)),
+            "divergence": jnp.mean(jax.vmap(parts.divergence, in_axes=(0, None))(local_q, global_q)),
         }
         return new_state, metrics
 
-    def predict(state: FacimsState, x):
-        """Monte-Carlo average of the global posterior's predictive probabilities."""
-        key = jax.random.fold_in(jax.random.key(0), 0)
+    def predict(state: FacimsState, x, key=None):
+        """Monte-Carlo average of the global posterior's predictive probabilities
+        ``(1/S) sum_s softmax(f(x; mu + noise_scale sigma xi_s))`` with ``S = num_eval_samples``."""
+        if key is None:
+            key = jax.random.fold_in(state.key, 0x5EED)
         noise = posterior.standard_normal_like(key, state.global_posterior, config.num_eval_samples)
-        samples = jax.vmap(lambda n: parts.sample_weights(state.global_posterior, n))(noise)
+        scale = state.hyperparams.noise_scale
+        samples = posterior.sample_draws(state.global_posterior, jax.tree_util.tree_map(lambda e: scale * e, noise))
         probs = jax.vmap(lambda w: jax.nn.softmax(apply_fn(w, x), axis=-1))(samples)
         return jnp.mean(probs, axis=0)
 
