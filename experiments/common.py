@@ -324,3 +324,218 @@ def write_results(
     atomic_write_text(targets["summary_csv"], summary.to_csv(), overwrite=True)
     atomic_write_text(targets["markdown"], markdown, overwrite=True)
     return targets
+
+
+# ---- settings derived from config dataclasses, and sweeps -----------------------------------
+
+
+def attribute_help(config_cls) -> dict[str, str]:
+    """One-line help per field from the ``Attributes:`` section of a Google-style docstring.
+
+    A line ``name: text`` (or ``a, b: text`` for several fields) starts an entry; indented
+    continuation lines are joined to it; the first sentence is kept.
+    """
+    import re
+
+    helps: dict[str, str] = {}
+    lines = (config_cls.__doc__ or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+    except StopIteration:
+        return helps
+    current: list[str] = []
+    for line in lines[start + 1 :]:
+        match = re.match(r"^\s{4,8}([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*): (.*)$", line)
+        if match:
+            current = match.group(1).split(", ")
+            for name in current:
+                helps[name] = match.group(2).strip()
+        elif line.strip() and current:
+            for name in current:
+                helps[name] += " " + line.strip()
+        elif not line.strip() and helps:
+            current = []
+    return {name: re.split(r"(?<=[.;])\s", text, maxsplit=1)[0] for name, text in helps.items()}
+
+
+def _field_kind(annotation: str) -> tuple[str, bool]:
+    """``(kind, optional)`` of a dataclass field annotation written as a string."""
+    text = str(annotation).replace(" ", "")
+    optional = text.endswith("|None") or text.startswith("None|")
+    text = text.replace("|None", "").replace("None|", "")
+    if text.startswith("tuple["):
+        return "tuple", optional
+    return text, optional
+
+
+def define_config_flags(config_cls, *, skip: Sequence[str] = (), flag_values=None) -> tuple[str, ...]:
+    """Define one absl flag per field of ``config_cls`` (a dataclass): the flag has the field's
+    name, type and default, and its help comes from the class docstring (one source of truth).
+
+    ``str`` fields listed in ``config_cls.CHOICES`` become enums; ``tuple[...]`` fields are
+    comma-separated lists; ``X | None`` fields default to None. Returns the flag names.
+    """
+    import dataclasses
+
+    from absl import flags
+
+    flag_values = flag_values or flags.FLAGS
+    helps = attribute_help(config_cls)
+    choices = getattr(config_cls, "CHOICES", {})
+    names = []
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        kind, optional = _field_kind(field.type)
+        default = field.default
+        help_text = helps.get(field.name, field.name.replace("_", " "))
+        name = field.name
+        if name in choices:
+            flags.DEFINE_enum(name, default, choices[name], help_text, flag_values=flag_values)
+        elif kind == "bool":
+            flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
+        elif kind == "int":
+            flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+        elif kind == "float":
+            flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+        elif kind == "str":
+            flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+        elif kind == "tuple":
+            flags.DEFINE_list(name, None if default is None else [str(v) for v in default], help_text, flag_values=flag_values)
+        else:
+            raise TypeError(f"{config_cls.__name__}.{name}: no flag type for annotation {field.type!r}")
+        del optional
+        names.append(name)
+    return tuple(names)
+
+
+def parse_field_value(config_cls, name: str, text: str):
+    """A field value of ``config_cls`` from its command-line text (for ``--grid``)."""
+    import dataclasses
+
+    field = next((f for f in dataclasses.fields(config_cls) if f.name == name), None)
+    if field is None:
+        raise ValueError(f"{config_cls.__name__} has no setting {name!r}")
+    kind, optional = _field_kind(field.type)
+    text = text.strip()
+    if optional and text.lower() == "none":
+        return None
+    choices = getattr(config_cls, "CHOICES", {})
+    try:
+        if name in choices:
+            if text not in choices[name]:
+                raise ValueError(f"choose one of {', '.join(choices[name])}")
+            return text
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("give true or false")
+            return text.lower() in ("true", "1")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError("give a finite number")
+            return value
+        if kind == "tuple":
+            return tuple(float(v) for v in text.split(":"))
+        return text
+    except ValueError as error:
+        raise ValueError(f"--grid {name}={text!r}: {error}") from None
+
+
+def config_from_flags(config_cls, flag_values, names: Sequence[str], **overrides):
+    """``config_cls(**{name: --name for name in names}, **overrides)`` (validated by the class)."""
+    import dataclasses
+
+    kinds = {f.name: _field_kind(f.type)[0] for f in dataclasses.fields(config_cls)}
+    values = {}
+    for name in names:
+        value = flag_values[name].value
+        if kinds[name] == "tuple" and value is not None:
+            value = tuple(float(v) for v in value)
+        values[name] = value
+    values.update(overrides)
+    return config_cls(**values)
+
+
+def define_sweep_flags(flag_values=None) -> tuple[str, ...]:
+    """``--grid`` (repeatable ``NAME=v1,v2,...``), ``--grid_chunk`` and ``--select``."""
+    from absl import flags
+
+    flag_values = flag_values or flags.FLAGS
+    flags.DEFINE_multi_string(
+        "grid", [], "Sweep a setting: NAME=v1,v2,... (repeatable; the Cartesian product of all grids, times --seeds, "
+        "runs as one compiled, vmapped program per method; a tuple value is written a:b).", flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "grid_chunk", 0, "Runs (settings x seeds) per vmapped program; bounds memory (0: all at once).",
+        lower_bound=0, flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "select", None, "Pick one setting per method on the validation split by this metric (e.g. "
+        "val_balanced_accuracy; gaps, errors and losses are minimised; METRIC:max or METRIC:min overrides) and "
+        "report its test numbers as a separate row.", flag_values=flag_values,
+    )
+    return ("grid", "grid_chunk", "select")
+
+
+def parse_grid(values: Sequence[str], config_cls) -> dict[str, list]:
+    """``{name: [values]}`` from ``--grid`` strings, each value parsed with the field's type."""
+    grid: dict[str, list] = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not text.strip():
+            raise ValueError(f"--grid {item!r}: write NAME=v1,v2,... (e.g. --grid=alpha_low=0.1,0.7)")
+        if name in grid:
+            raise ValueError(f"--grid names {name!r} twice; give all its values in one --grid")
+        try:
+            parsed = [parse_field_value(config_cls, name, value) for value in text.split(",")]
+        except ValueError as error:
+            settable = ", ".join(f.name for f in __import__("dataclasses").fields(config_cls))
+            raise ValueError(f"{error} (settings: {settable})" if "has no setting" in str(error) else str(error)) from None
+        if len(set(map(repr, parsed))) != len(parsed):
+            raise ValueError(f"--grid {name} has repeated values: {parsed}")
+        grid[name] = parsed
+    return grid
+
+
+def setting_label(setting: Mapping) -> str:
+    """``name=value,...`` of a grid setting ('' for the default setting)."""
+    return ",".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}" for name, value in setting.items())
+
+
+def metric_direction(spec: str) -> tuple[str, str]:
+    """``(metric, 'max'|'min')`` of a ``--select`` value: an explicit ``:max`` / ``:min``, else
+    metrics whose name says gap, error or loss are minimised and the others maximised."""
+    metric, sep, direction = spec.partition(":")
+    if sep:
+        if direction not in ("max", "min"):
+            raise ValueError(f"--select {spec!r}: the direction after ':' must be max or min")
+        return metric, direction
+    lowered = metric.lower()
+    return metric, "min" if any(word in lowered for word in ("gap", "error", "loss")) else "max"
+
+
+def select_on_validation(rows: Sequence[Mapping], spec: str, *, by: str = "method") -> list[dict]:
+    """One row per value of ``by`` for the setting with the best mean of a validation metric.
+
+    ``rows`` carry ``setting`` (the label of :func:`setting_label`), the validation metric named
+    by ``spec`` (it must start with ``val_``: test numbers never choose) and the test metrics.
+    Returns rows ``{by: "<value> (selected on <metric>)", "setting": ..., **means}`` whose
+    ``selected_mean`` columns are the test means over the chosen setting's seeds.
+    """
+    metric, direction = metric_direction(spec)
+    if not metric.startswith("val_"):
+        raise ValueError(f"--select={spec}: choose with a validation metric (val_...), never a test one")
+    frame = pd.DataFrame(list(rows))
+    if metric not in frame.columns:
+        available = sorted(c for c in frame.columns if c.startswith("val_"))
+        raise ValueError(f"--select: no metric {metric!r}; validation metrics: {', '.join(available)}")
+    chosen = []
+    for value, part in frame.groupby(by, sort=False):
+        means = part.groupby("setting", sort=False)[metric].mean()
+        best = means.idxmax() if direction == "max" else means.idxmin()
+        chosen.append((value, best, float(means[best])))
+    return chosen
