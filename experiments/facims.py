@@ -37,6 +37,7 @@ import optax
 from absl import app, flags
 
 from experiments import common
+from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
 from fairopt import data, losses, models, sweep
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
@@ -45,27 +46,11 @@ from fairopt.train import Progress, check_finite, evaluate, fit_resumable
 BASELINES = ("erm", "berm")
 DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", "synthetic")
 
-# Paper Table 2 (credit card rows) for the side-by-side columns. The paper's "EO" column is the
-# official evaluation code's mean over groups of |TPR - TPR_g| (our ``deo_gap``), and its SGap
-# comes from the official estimator (our ``sufficiency_gap_official``; SPEC §2).
-_PAPER_ROWS = {
-    "facims": (0.6799, 0.0593, 0.1567, 0.1264),
-    "facims_i": (0.6768, 0.0750, 0.1951, 0.1396),
-    "facims_ii": (0.6446, 0.0707, 0.1973, 0.1340),
-    "fams": (0.6542, 0.0746, 0.1859, 0.1352),
-    "erm": (0.6104, 0.0599, 0.1577, 0.2760),
-    "berm": (0.6570, 0.1060, 0.1631, 0.2315),
-}
-PAPER_CREDIT = {
-    method: dict(zip(("balanced_accuracy", "dp_gap", "deo_gap", "sufficiency_gap_official"), values))
-    for method, values in _PAPER_ROWS.items()
-}
-
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 flags.DEFINE_enum("dataset", "credit", DATASETS, "Dataset to run on.")
 flags.DEFINE_list("methods", ["facims"], f"Methods, any of {', '.join(METHODS + BASELINES)}.")
-flags.DEFINE_list("seeds", [str(s) for s in common.PAPER_SEEDS], "Random seeds.")
+flags.DEFINE_list("seeds", [str(s) for s in PAPER_SEEDS], "Random seeds.")
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 flags.DEFINE_integer("checkpoint_every", 10, "Save the training state every N rounds/epochs (0: never).", lower_bound=0)
@@ -355,7 +340,7 @@ def main(argv):
     columns = [c for c in REPORT_COLUMNS if c in rows[0]] + recall_columns + ["seconds"]
     chosen, selection_notes = selected_rows(rows, columns)
     summary = common.summarize(rows + chosen, by="run", columns=columns + ["val_balanced_accuracy"])
-    paper = PAPER_CREDIT if FLAGS.dataset == "credit" and not FLAGS.grid else None
+    paper = PAPER_FACIMS_CREDIT if FLAGS.dataset == "credit" and not FLAGS.grid else None
     markdown = (
         f"# FACIMS on {FLAGS.dataset} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n\n"
         + common.markdown_table(summary, columns + ["val_balanced_accuracy"], paper=paper, index_name="run")

@@ -93,7 +93,7 @@ common = report = pd = None
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("facims_credit", "facims_drug", "autobalance_longtail", "autobalance_groups", "fairalm_celeba", "fairalm_adult")
-PAPER_SEEDS = (0, 42, 666, 777, 1009)  # common.PAPER_SEEDS
+from experiments.paper import PAPER_SEEDS  # noqa: E402
 FACIMS_ROUNDS = 50
 ALPHA_LOWS = ("0.01", "0.1", "0.2", "1")
 PARETO_LAMBDAS = ("0.1", "0.3", "0.5", "0.7", "0.9")
