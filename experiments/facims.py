@@ -20,8 +20,10 @@ validation metric and reports that setting's test numbers as a separate, labelle
 Prints progress with an ETA, then a table of mean ± std over seeds (balanced accuracy,
 accuracy, DP, EO, sufficiency gap, recall per class, wall time) and writes
 ``<output_dir>/facims_<dataset>.{json,csv,md}`` (refusing to overwrite without --overwrite).
-The ERM / BERM baselines are trained per seed with Adam (``--baseline_lr``); grids apply to
-the FACIMS methods.
+The ERM / BERM baselines are trained per seed with Adam (``--baseline_lr``); ``logreg`` and
+``hgb`` are scikit-learn's balanced logistic regression and histogram gradient boosting on the
+same training rows, each tuned on the validation split (:mod:`experiments.sklearn_reference`).
+Grids apply to the FACIMS methods.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from experiments import common
+from experiments import common, sklearn_reference
 from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
 from fairopt import data, losses, models, sweep
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
 from fairopt.train import Progress, check_finite, evaluate, fit_resumable
 
-BASELINES = ("erm", "berm")
+BASELINES = ("erm", "berm") + sklearn_reference.METHODS
 DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", "synthetic")
 
 FLAGS = flags.FLAGS
@@ -215,10 +217,14 @@ def run_baseline(method, seed, progress, checkpoints, run):
     return solver, state
 
 
-def evaluated_row(method, seed, setting, predict, state, seconds) -> dict:
+def evaluated_row(method, seed, setting, predict, state, seconds, reports=None) -> dict:
+    """A results row: test metrics, ``val_`` metrics and the setting (``reports``: the
+    ``(test, val)`` reports of a model evaluated elsewhere, e.g. scikit-learn's)."""
     splits = seed_data(seed).splits
-    test = evaluate(predict, state, splits.test, num_bins=FLAGS.num_bins)
-    val = evaluate(predict, state, splits.val, num_bins=FLAGS.num_bins)
+    if reports is None:
+        reports = (evaluate(predict, state, splits.test, num_bins=FLAGS.num_bins),
+                   evaluate(predict, state, splits.val, num_bins=FLAGS.num_bins))
+    test, val = reports
     row = dict(method=method, seed=seed, setting=common.setting_label(setting), **setting, seconds=seconds, **test)
     row.update({f"val_{name}": value for name, value in val.items()})
     print(
@@ -330,8 +336,16 @@ def main(argv):
             if (method, "", seed) in finished:
                 continue
             started = time.perf_counter()
-            solver, state = run_baseline(method, seed, progress, checkpoints, f"{method}_seed{seed}")
-            row = evaluated_row(method, seed, {}, solver.predict, state, time.perf_counter() - started)
+            if method in sklearn_reference.METHODS:
+                test, val, chosen = sklearn_reference.fit_and_evaluate(
+                    method, seed_data(seed).splits, seed=seed, num_bins=FLAGS.num_bins
+                )
+                row = evaluated_row(method, seed, {}, None, None, time.perf_counter() - started, reports=(test, val))
+                row["chosen_on_validation"] = chosen
+                progress.update(progress.done + FLAGS.epochs)
+            else:
+                solver, state = run_baseline(method, seed, progress, checkpoints, f"{method}_seed{seed}")
+                row = evaluated_row(method, seed, {}, solver.predict, state, time.perf_counter() - started)
             checkpoints.add_finished_run(row)
             rows.append(row)
     for row in rows:

@@ -180,3 +180,18 @@ def test_a_grid_sweep_writes_a_row_per_setting_and_seed_and_compiles_the_round_o
     assert labels[4] == "facims (selected on val_balanced_accuracy)"
     best = max(payload["summary"][:4], key=lambda row: row["val_balanced_accuracy_mean"])
     assert payload["summary"][4]["balanced_accuracy_mean"] == best["balanced_accuracy_mean"]
+
+
+def test_scikit_learn_reference_rows_are_tuned_on_validation(tmp_path):
+    from experiments import sklearn_reference
+
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.facims", "--dataset=synthetic", "--methods=logreg", "--seeds=0",
+         f"--output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", FAIROPT_CACHE_DIR=str(tmp_path / "c")),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = json.loads((tmp_path / "facims_synthetic.json").read_text())["runs"]
+    assert run["method"] == "logreg"
+    assert run["chosen_on_validation"] in [f"C={c:g}" for c in sklearn_reference.LOGREG_C]
+    assert 0.5 < run["val_balanced_accuracy"] <= 1 and 0.5 < run["balanced_accuracy"] <= 1
