@@ -349,3 +349,15 @@ def test_optimizer_slots_take_factories_and_ready_transformations():
     predict = jax.jit(solver.predict)
     np.testing.assert_array_equal(predict(state, x), predict(state, x))
     assert not np.allclose(predict(state, x, jax.random.key(1)), predict(state, x, jax.random.key(2)))
+
+
+def test_mean_prediction_is_the_softmax_at_the_posterior_mean():
+    import dataclasses
+
+    problems, _, config, _ = _sweep_inputs(seeds=(0,))
+    dataset, params, apply_fn = problems[0]
+    solver = facims(apply_fn, dataclasses.replace(config, prediction="mean"), class_counts=dataset.class_counts,
+                    group_counts=dataset.group_counts)
+    state = solver.init(jax.random.key(0), params)
+    x = jnp.asarray(dataset.features[:7])
+    np.testing.assert_allclose(solver.predict(state, x), jax.nn.softmax(apply_fn(params, x), axis=-1), rtol=1e-6)

@@ -77,6 +77,7 @@ INVERSES = ("cg", "neumann", "exact")
 VALIDATION_LOSSES = ("vs_bar", "balanced_ce")
 SHARPNESS_SCALINGS = ("uniform", "frequency")
 GROUP_MAPPINGS = ("vmap", "unroll", "map", "auto")
+PREDICTIONS = ("monte_carlo", "mean")
 
 OptimizerFactory = Callable[[jax.Array], optax.GradientTransformation]
 
@@ -151,6 +152,8 @@ class FacimsConfig(HyperparameterConfig):
       groups_per_step: partial-group setting: the size of the random subset A' of groups per round
         (None: every group).
       num_eval_samples: Monte-Carlo draws of Z for prediction.
+      prediction: monte_carlo (average of the predictive probabilities over num_eval_samples draws
+        of the global posterior) or mean (softmax at the posterior mean weights, deterministic).
       common_noise: every group's weight draws use the same standard-normal xi (common random
         numbers; each group's estimate keeps its distribution, only the groups' draws become
         correlated). It cuts a round's CPU time 1.45x at G = 7 on a CPU.
@@ -169,6 +172,7 @@ class FacimsConfig(HyperparameterConfig):
         "validation_loss": VALIDATION_LOSSES,
         "sharpness_scaling": SHARPNESS_SCALINGS,
         "group_mapping": GROUP_MAPPINGS,
+        "prediction": PREDICTIONS,
     }
 
     method: str = "facims"
@@ -200,6 +204,7 @@ class FacimsConfig(HyperparameterConfig):
     hparams_per_group: bool = False
     groups_per_step: int | None = None
     num_eval_samples: int = 20
+    prediction: str = "monte_carlo"
     common_noise: bool = True
     group_mapping: str = "auto"
 
@@ -774,7 +779,10 @@ def facims(
 
     def predict(state: FacimsState, x, key=None):
         """Monte-Carlo average of the global posterior's predictive probabilities
-        ``(1/S) sum_s softmax(f(x; mu + noise_scale sigma xi_s))`` with ``S = num_eval_samples``."""
+        ``(1/S) sum_s softmax(f(x; mu + noise_scale sigma xi_s))`` with ``S = num_eval_samples``
+        (``prediction="mean"``: ``softmax(f(x; mu))``, and ``key`` is unused)."""
+        if config.prediction == "mean":
+            return posterior.mean_predict(apply_fn, state.global_posterior, x)
         if key is None:
             key = jax.random.fold_in(state.key, 0x5EED)
         noise = posterior.standard_normal_like(key, state.global_posterior, config.num_eval_samples)
