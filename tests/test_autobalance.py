@@ -342,7 +342,7 @@ def _tiny_search_data(seed):
 
 
 def test_upper_step_grid_times_seeds_is_one_compiled_program_and_matches_separate_runs():
-    config = ab.AutoBalanceConfig(search_space="shift", iter_interval=1, warmup_steps=1, lr_decay_steps=(3,))
+    config = ab.AutoBalanceConfig(search_space="shift", iter_interval=1, warmup_steps=1, lr_decay_steps=(3,), neumann_terms=1)
     solver = ab.autobalance(_linear_apply, config, class_counts=[48, 16], num_features=2)
     epoch = ab.make_search_epoch_fn(solver.step, num_rows=64, batch_size=16)
     rates, seeds = (0.01, 0.1, 1.0), (0, 1)
@@ -392,3 +392,41 @@ def test_steps_name_their_expected_input_type_and_group_ids_are_checked_before_t
     with pytest.raises(ValueError, match=r"group ids must lie in \[0, num_groups=2\), got 0..2"):
         ab.search_and_retrain(_linear_apply, lambda key: _linear_params(2, 2), config, data, data,
                               key=jax.random.key(0), num_classes=2, num_groups=2, epochs=1, batch_size=4)
+
+
+_GRID_SCRIPT = r"""
+import json
+from experiments import autobalance as e
+
+settings = e.dataset_settings("synthetic_lt", epochs=2, batch_size=512, hidden=(), config=e.ab.AutoBalanceConfig(neumann_terms=1))
+cache = {}
+rows = e.run_grid("synthetic_lt", settings, [0, 1], {"upper_learning_rate": [0.01, 0.1, 1.0]}, chunk=4, cache=cache)
+programs = [value for key, value in cache.items() if key[0] == "grid"]
+selected = e.selected_rows(rows, "val_balanced_error")
+print("RESULT" + json.dumps(dict(
+    programs=len(programs), search=programs[0][2]._cache_size(), retrain=programs[0][3]._cache_size(),
+    rows=[{k: r[k] for k in ("setting", "upper_learning_rate", "seed", "balanced_error", "val_balanced_error")} for r in rows],
+    selected=sorted({(r["method"], r["setting"]) for r in selected}),
+)))
+"""
+
+
+def test_entry_point_grid_of_three_upper_steps_by_two_seeds_compiles_each_phase_once():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _GRID_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT", 1)[1])
+    # 6 runs in chunks of 4 (the last one padded): one program, each phase compiled once.
+    assert (result["programs"], result["search"], result["retrain"]) == (1, 1, 1)
+    rows = result["rows"]
+    assert [(r["upper_learning_rate"], r["seed"]) for r in rows] == [(v, s) for v in (0.01, 0.1, 1.0) for s in (0, 1)]
+    assert all(np.isfinite(r["balanced_error"]) and np.isfinite(r["val_balanced_error"]) for r in rows)
+    (method, setting), = result["selected"]
+    assert method == "autobalance (selected on val_balanced_error)"
+    means = {label: np.mean([r["val_balanced_error"] for r in rows if r["setting"] == label]) for label in {r["setting"] for r in rows}}
+    assert means[setting] == min(means.values())  # the best validation mean (ties: the first setting)
