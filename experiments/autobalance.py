@@ -12,6 +12,23 @@ The paper's tables (every row, every dataset of the suite, 3 seeds):
     python -m experiments.autobalance --suite=longtail     # Table 1: digits_lt, synthetic_lt
     python -m experiments.autobalance --suite=groups       # Table 3: waterbirds_like, celeba_blond
 
+A sweep over AutoBalance's settings (any field of ``AutoBalanceConfig``; repeat ``--grid`` for a
+Cartesian product) runs every (setting, seed) as ONE vmapped program per phase, compiled once:
+
+    python -m experiments.autobalance --dataset=synthetic_lt --methods=ce,autobalance \
+        --grid=upper_learning_rate=0.01,0.1,1 --seeds=0,1,2 --select=val_balanced_error
+
+It writes one row per (setting, seed) with the setting's values as columns, test metrics and
+``val_`` metrics (the search-phase model on the search-validation split), a summary row per
+setting, and with ``--select`` the chosen setting's test numbers again as the row
+``autobalance (selected on <metric>)``. ``--grid_chunk=N`` bounds the runs per program.
+
+Settings: every field of :class:`fairopt.solvers.autobalance.AutoBalanceConfig` is a flag of the
+same name with the config's default (one source of truth), except ``warmup_steps`` and
+``lr_decay_steps`` (set per phase from ``--warmup_fraction`` and ``--lr_decay_fractions``) and
+``val_objective`` / ``per_group`` (defaults per dataset). Entry-point-only defaults (per-dataset
+epochs, batch size, imbalance factor) are in ``DEFAULTS``.
+
 Prints progress with an ETA and a Markdown table of mean ± std over seeds, and writes
 ``<output_dir>/autobalance_<name>.{json,csv,md}`` (+ ``_summary.csv``) and the per-epoch
 hyperparameter trajectories ``<output_dir>/autobalance_<name>_trajectory.csv`` (one row per
@@ -513,9 +530,9 @@ def train_grid_chunk(configs: list, seeds: list[int], prepared: dict, settings: 
         solver = ab.autobalance(apply_fn, search_config, class_counts=class_counts, cell_counts=cell_counts,
                                 num_features=train.num_features)
         retrainer = ab.retrain_solver(apply_fn, solver, config=retrain_config)
-        search_epoch = ab.make_search_epoch_fn(solver.step, num_rows=len(first.search_train), batch_size=batch_size)
+        search_epochs = ab.make_lockstep_search_epoch_fn(solver, num_rows=len(first.search_train), batch_size=batch_size)
         retrain_epoch = make_epoch_fn(retrainer.step, num_rows=len(train), batch_size=batch_size)
-        cache[program_key] = (solver, retrainer, jax.jit(jax.vmap(search_epoch)), jax.jit(jax.vmap(retrain_epoch)))
+        cache[program_key] = (solver, retrainer, search_epochs, jax.jit(jax.vmap(retrain_epoch)))
     solver, retrainer, search_epochs, retrain_epochs = cache[program_key]
     for seed in seeds:
         for name, split in (("search_train", prepared[seed].search_train), ("search_val", prepared[seed].search_val)):

@@ -352,7 +352,7 @@ def test_upper_step_grid_times_seeds_is_one_compiled_program_and_matches_separat
     data = sweep.stack([_tiny_search_data(seed) for _, seed in runs])
     params = jax.tree_util.tree_map(lambda leaf: jnp.stack([leaf] * len(runs)), _linear_params(2, 2))
     states = jax.vmap(solver.init)(keys, params, hyperparams)
-    grid_epoch = jax.jit(jax.vmap(epoch))
+    grid_epoch = ab.make_lockstep_search_epoch_fn(solver, num_rows=64, batch_size=16)  # = jit(vmap(epoch))
     for e in range(2):
         states, metrics = grid_epoch(states, data, jax.vmap(lambda k: jax.random.fold_in(k, e))(keys))
     assert grid_epoch._cache_size() == 1  # 6 runs, 2 epochs: one compilation

@@ -419,6 +419,10 @@ class AutoBalanceSolver(NamedTuple):
       config: the :class:`AutoBalanceConfig`.
       class_counts, cell_counts, num_features: what the solver was built from (the retrain
         phase reuses them, :func:`retrain_solver`).
+      lockstep_step: search phase only: ``lockstep_step(states, batches)``, ``jax.vmap(step)``
+        for runs with a leading axis that take their steps together (a sweep), with the upper
+        update decided once for all runs (a real branch rather than a per-run select);
+        :func:`make_lockstep_search_epoch_fn` uses it.
     """
 
     init: Callable
@@ -433,6 +437,7 @@ class AutoBalanceSolver(NamedTuple):
     class_counts: np.ndarray
     cell_counts: np.ndarray | None
     num_features: int
+    lockstep_step: Callable | None = None
 
 
 def autobalance(
@@ -679,7 +684,7 @@ def autobalance(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt_state, loss
 
-    def search_step(state: AutoBalanceState, batch: SearchBatch):
+    def check_search_input(state, batch):
         if not isinstance(batch, SearchBatch) or not isinstance(batch.train, Batch):
             hint = " (a Batch is the retrain phase's input: autobalance(..., search=False))" if isinstance(batch, Batch) else ""
             raise TypeError(
@@ -688,8 +693,12 @@ def autobalance(
             )
         if not isinstance(state, AutoBalanceState):
             raise TypeError(f"the AutoBalance step takes an AutoBalanceState (from init), got {type(state).__name__}")
+
+    def upper_due(step):
+        return (step >= warmup_steps) & (step % config.iter_interval == 0)
+
+    def search_step_at(state: AutoBalanceState, batch: SearchBatch, do_upper):
         key, upper_key, lower_key = jax.random.split(jax.random.wrap_key_data(state.key), 3)
-        do_upper = (state.step >= warmup_steps) & (state.step % config.iter_interval == 0)
         batch_size = batch.train.x.shape[0]
 
         def skip(state, data, key):
@@ -704,11 +713,23 @@ def autobalance(
                                    step=state.step + 1, key=jax.random.key_data(key))
         metrics = {
             "loss": loss,
-            "upper_steps": do_upper.astype(jnp.float32),
+            "upper_steps": jnp.asarray(do_upper, jnp.float32),
             "val_objective_sum": jnp.where(do_upper, value, 0.0),
             "hypergrad_norm_sum": jnp.where(do_upper, norm, 0.0),
         }
         return new_state, metrics
+
+    def search_step(state: AutoBalanceState, batch: SearchBatch):
+        check_search_input(state, batch)
+        return search_step_at(state, batch, upper_due(state.step))
+
+    def lockstep_step(states: AutoBalanceState, batches: SearchBatch):
+        """``jax.vmap(step)`` for runs in lockstep (leading run axis; equal step counts, as in a
+        sweep): the upper update is decided once for all runs, so it stays a real branch
+        (under ``jax.vmap`` a per-run ``lax.cond`` becomes a select that computes the
+        hypergradient at every step)."""
+        check_search_input(states, batches)
+        return jax.vmap(search_step_at, in_axes=(0, 0, None))(states, batches, upper_due(states.step[0]))
 
     def retrain_step(state: AutoBalanceState, batch: Batch):
         if not isinstance(batch, Batch):
@@ -739,6 +760,7 @@ def autobalance(
         class_counts=class_counts,
         cell_counts=cell_counts,
         num_features=int(num_features),
+        lockstep_step=lockstep_step if search else None,
     )
 
 
@@ -763,15 +785,47 @@ def make_search_epoch_fn(step: Callable, *, num_rows: int, batch_size: int) -> C
             return step(state, SearchBatch(batch, data))
 
         state, metrics = jax.lax.scan(body, state, (indices, mask))
-        upper_steps = jnp.sum(metrics["upper_steps"])
-        safe = jnp.maximum(upper_steps, 1.0)
-        nan = jnp.float32(jnp.nan)
-        return state, {
-            "loss": jnp.mean(metrics["loss"]),
-            "upper_steps": upper_steps,
-            "val_objective": jnp.where(upper_steps > 0, jnp.sum(metrics["val_objective_sum"]) / safe, nan),
-            "hypergrad_norm": jnp.where(upper_steps > 0, jnp.sum(metrics["hypergrad_norm_sum"]) / safe, nan),
-        }
+        return state, _epoch_summary(metrics)
+
+    return jax.jit(run_epoch)
+
+
+def _epoch_summary(metrics):
+    """Mean loss, number of upper steps and mean validation objective / hypergradient norm over
+    the upper steps (NaN without any) of one epoch's per-step metrics."""
+    upper_steps = jnp.sum(metrics["upper_steps"])
+    safe = jnp.maximum(upper_steps, 1.0)
+    nan = jnp.float32(jnp.nan)
+    return {
+        "loss": jnp.mean(metrics["loss"]),
+        "upper_steps": upper_steps,
+        "val_objective": jnp.where(upper_steps > 0, jnp.sum(metrics["val_objective_sum"]) / safe, nan),
+        "hypergrad_norm": jnp.where(upper_steps > 0, jnp.sum(metrics["hypergrad_norm_sum"]) / safe, nan),
+    }
+
+
+def make_lockstep_search_epoch_fn(solver: AutoBalanceSolver, *, num_rows: int, batch_size: int) -> Callable:
+    """One search epoch of many runs at once (a sweep over settings and seeds): the same values as
+    ``jax.jit(jax.vmap(make_search_epoch_fn(solver.step, ...)))``, computed with
+    ``solver.lockstep_step`` so that the hypergradient runs only at upper steps.
+
+    Returns:
+      ``run_epoch(states, data: HyperData, keys) -> (states, metrics)`` (jitted), every argument
+      and output with a leading run axis.
+    """
+    if solver.lockstep_step is None:
+        raise ValueError("make_lockstep_search_epoch_fn needs a search-phase solver (autobalance(..., search=True))")
+
+    def run_epoch(states, data: HyperData, keys):
+        indices, mask = jax.vmap(lambda key: shuffled_batch_indices(key, num_rows, batch_size))(keys)  # [R, S, B]
+
+        def body(states, rows_and_mask):
+            rows, rows_mask = rows_and_mask  # [R, B]
+            batch = jax.vmap(lambda d, r, m: Batch(d.train_x[r], d.train_y[r], d.train_groups[r], m))(data, rows, rows_mask)
+            return solver.lockstep_step(states, SearchBatch(batch, data))
+
+        states, metrics = jax.lax.scan(body, states, (jnp.swapaxes(indices, 0, 1), jnp.swapaxes(mask, 0, 1)))
+        return states, jax.vmap(_epoch_summary, in_axes=1)(metrics)
 
     return jax.jit(run_epoch)
 
