@@ -68,7 +68,7 @@ from absl import app, flags
 
 from experiments import common
 from fairopt import sweep
-from fairopt import data, hparams, losses, metrics, models
+from fairopt import data, losses, metrics, models
 from fairopt.solvers import autobalance as ab
 from fairopt.solvers import constrained
 from fairopt.solvers.erm import batch_objective_erm, erm
