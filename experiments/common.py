@@ -20,7 +20,7 @@ import pandas as pd
 
 from fairopt import data
 
-PAPER_SEEDS = (0, 42, 666, 777, 1009)
+from experiments.paper import PAPER_SEEDS  # noqa: E402,F401  (re-exported)
 
 # The binary fair-classification datasets of the FairALM experiments and the fairlearn benchmark,
 # with the protected attribute of each (sex; Male for CelebA attributes, target Attractive).

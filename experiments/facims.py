@@ -1,4 +1,4 @@
-r"""FACIMS and its baselines on a real dataset: the paper's Table 2 protocol.
+r"""FACIMS and its baselines on a real dataset: the paper's Table 2 protocol, and sweeps.
 
 With no flags: FACIMS on the credit-card data, paper protocol (SPEC §7): split stratified by
 label (30 % test, then 30 % of the rest validation), the training set resampled to 400 rows
@@ -7,10 +7,21 @@ per education group, the 400-200-100 ELU MLP, 50 rounds, seeds 0, 42, 666, 777, 
     python -m experiments.facims                                   # FACIMS on credit
     python -m experiments.facims --methods=facims,facims_i,facims_ii,fams,erm,berm
     python -m experiments.facims --dataset=drug --drug_path=../shared/data/drug_consumption.csv
+    python -m experiments.facims --grid=alpha_low=0.1,0.4,0.7,1.0 --seeds=0,42 --select=val_balanced_accuracy
+
+Every field of :class:`fairopt.solvers.facims.FacimsConfig` is a flag of the same name (the
+config is the one place where defaults live). ``--grid=NAME=v1,v2,...`` (repeatable) sweeps
+settings: the Cartesian product of the grids, times the seeds, runs as ONE compiled program per
+method and static setting (hyperparameters are data, :mod:`fairopt.sweep`), ``jax.vmap``-ped
+over runs in chunks of ``--grid_chunk``. Each run is evaluated on the validation split
+(``val_`` columns) and on the test split; ``--select=METRIC`` picks one setting per method on a
+validation metric and reports that setting's test numbers as a separate, labelled row.
 
 Prints progress with an ETA, then a table of mean ± std over seeds (balanced accuracy,
 accuracy, DP, EO, sufficiency gap, recall per class, wall time) and writes
 ``<output_dir>/facims_<dataset>.{json,csv,md}`` (refusing to overwrite without --overwrite).
+The ERM / BERM baselines are trained per seed with Adam (``--baseline_lr``); grids apply to
+the FACIMS methods.
 """
 
 from __future__ import annotations
@@ -20,50 +31,26 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
 
 from experiments import common
-from fairopt import data, losses, models
+from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
+from fairopt import data, losses, models, sweep
 from fairopt.solvers.erm import erm
-from fairopt.solvers.facims import (
-    DIVERGENCES,
-    GROUP_MAPPINGS,
-    INVERSES,
-    METHODS,
-    VALIDATION_LOSSES,
-    FacimsConfig,
-    facims,
-    group_sharpness,
-)
+from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
 from fairopt.train import Progress, check_finite, evaluate, fit_resumable
 
 BASELINES = ("erm", "berm")
 DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", "synthetic")
 
-# Paper Table 2 (credit card rows) for the side-by-side columns. The paper's "EO" column is the
-# official evaluation code's mean over groups of |TPR - TPR_g| (our ``deo_gap``), and its SGap
-# comes from the official estimator (our ``sufficiency_gap_official``; SPEC §2).
-_PAPER_ROWS = {
-    "facims": (0.6799, 0.0593, 0.1567, 0.1264),
-    "facims_i": (0.6768, 0.0750, 0.1951, 0.1396),
-    "facims_ii": (0.6446, 0.0707, 0.1973, 0.1340),
-    "fams": (0.6542, 0.0746, 0.1859, 0.1352),
-    "erm": (0.6104, 0.0599, 0.1577, 0.2760),
-    "berm": (0.6570, 0.1060, 0.1631, 0.2315),
-}
-PAPER_CREDIT = {
-    method: dict(zip(("balanced_accuracy", "dp_gap", "deo_gap", "sufficiency_gap_official"), values))
-    for method, values in _PAPER_ROWS.items()
-}
-
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
-DEFAULTS = FacimsConfig()  # flag defaults are the solver defaults (one place)
 flags.DEFINE_enum("dataset", "credit", DATASETS, "Dataset to run on.")
 flags.DEFINE_list("methods", ["facims"], f"Methods, any of {', '.join(METHODS + BASELINES)}.")
-flags.DEFINE_list("seeds", [str(s) for s in common.PAPER_SEEDS], "Random seeds.")
+flags.DEFINE_list("seeds", [str(s) for s in PAPER_SEEDS], "Random seeds.")
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 flags.DEFINE_integer("checkpoint_every", 10, "Save the training state every N rounds/epochs (0: never).", lower_bound=0)
@@ -72,37 +59,11 @@ flags.DEFINE_string("drug_path", None, "Path of drug_consumption.csv (default: $
 flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after resampling (0: no resampling).", lower_bound=0)
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 50, "Rows per group per step.", lower_bound=1)
-flags.DEFINE_float("alpha_low", DEFAULTS.alpha_low, "Weight of D(Z^a||Z) in the lower level.", lower_bound=0.0)
-flags.DEFINE_float("alpha_up", DEFAULTS.alpha_up, "Weight of D(Z^a*||Z) in the upper level.", lower_bound=0.0)
-flags.DEFINE_float("sharpness", DEFAULTS.sharpness, "SAM radius beta (FACIMS only).", lower_bound=0.0)
-flags.DEFINE_enum("sharpness_scaling", "uniform", ("uniform", "frequency"), "Per-group SAM radius.")
-flags.DEFINE_integer("middle_steps", DEFAULTS.middle_steps, "Middle-level steps per round.", lower_bound=1)
-flags.DEFINE_integer("upper_steps", DEFAULTS.upper_steps, "Upper-level steps per round.", lower_bound=0)
-flags.DEFINE_integer("num_mc", DEFAULTS.num_mc, "Monte-Carlo draws per loss.", lower_bound=1)
-flags.DEFINE_integer(
-    "hypergradient_samples", DEFAULTS.hypergradient_samples, "Monte-Carlo draws inside the hypergradient's Hessian.", lower_bound=1
-)
-flags.DEFINE_bool(
-    "common_noise", DEFAULTS.common_noise, "All groups share one Monte-Carlo weight draw per step (faster; see FacimsConfig)."
-)
-flags.DEFINE_float("local_lr", DEFAULTS.local_learning_rate, "Adagrad step of the local posteriors.", lower_bound=0.0)
-flags.DEFINE_float("global_lr", DEFAULTS.global_learning_rate, "Adagrad step of the global posterior.", lower_bound=0.0)
-flags.DEFINE_float("global_decay", DEFAULTS.global_decay, "Per-round decay of the global step.", lower_bound=0.0)
-flags.DEFINE_float("hparam_lr", DEFAULTS.hparam_learning_rate, "SGD step of the VS hyperparameters.", lower_bound=0.0)
-flags.DEFINE_enum("divergence", DEFAULTS.divergence, DIVERGENCES, "Divergence between posteriors.")
-flags.DEFINE_enum("inverse", DEFAULTS.inverse, INVERSES, "Inverse-Hessian-vector product of the hypergradient.")
-flags.DEFINE_float("neumann_alpha", DEFAULTS.neumann_alpha, "Neumann series step.", lower_bound=0.0)
-flags.DEFINE_integer("inverse_terms", DEFAULTS.inverse_terms, "Neumann terms / CG iterations.", lower_bound=0)
-flags.DEFINE_float("init_std", DEFAULTS.init_std, "Initial posterior standard deviation.", lower_bound=0.0)
-flags.DEFINE_enum("validation_loss", DEFAULTS.validation_loss, VALIDATION_LOSSES, "Upper-level balanced loss L_bal.")
-flags.DEFINE_bool("hparams_per_group", False, "VS hyperparameters per (class, group).")
-flags.DEFINE_integer("groups_per_step", None, "Partial-group setting: groups sampled per step.", lower_bound=1)
-flags.DEFINE_enum(
-    "group_mapping", "auto", GROUP_MAPPINGS,
-    "How the groups run in a round: vmap, unroll (faster on a CPU), map (least memory), auto (unroll on CPU if G <= 16).",
-)
+flags.DEFINE_list("hidden", ["400", "200", "100"], "Hidden widths of the ELU MLP (the papers': 400,200,100).")
 flags.DEFINE_float("baseline_lr", 1e-3, "Adam step of the ERM/BERM baselines.", lower_bound=0.0)
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
+CONFIG_FLAGS = common.define_config_flags(FacimsConfig, skip=("method",))
+common.define_sweep_flags()
 
 _OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
 
@@ -137,94 +98,105 @@ def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[d
     return splits, original_train
 
 
-def facims_config(method: str) -> FacimsConfig:
-    return FacimsConfig(
-        method=method,
-        alpha_low=FLAGS.alpha_low,
-        alpha_up=FLAGS.alpha_up,
-        sharpness=FLAGS.sharpness,
-        sharpness_scaling=FLAGS.sharpness_scaling,
-        middle_steps=FLAGS.middle_steps,
-        upper_steps=FLAGS.upper_steps,
-        num_mc=FLAGS.num_mc,
-        hypergradient_samples=FLAGS.hypergradient_samples,
-        common_noise=FLAGS.common_noise,
-        local_learning_rate=FLAGS.local_lr,
-        global_learning_rate=FLAGS.global_lr,
-        global_decay=FLAGS.global_decay,
-        hparam_learning_rate=FLAGS.hparam_lr,
-        divergence=FLAGS.divergence,
-        inverse=FLAGS.inverse,
-        neumann_alpha=FLAGS.neumann_alpha,
-        inverse_terms=FLAGS.inverse_terms,
-        init_std=FLAGS.init_std,
-        validation_loss=FLAGS.validation_loss,
-        hparams_per_group=FLAGS.hparams_per_group,
-        groups_per_step=FLAGS.groups_per_step,
-        group_mapping=FLAGS.group_mapping,
+def hidden_widths() -> tuple[int, ...]:
+    try:
+        widths = tuple(int(width) for width in FLAGS.hidden)
+    except ValueError:
+        raise ValueError(f"--hidden must be comma-separated integers, got {FLAGS.hidden}") from None
+    if not widths or any(width < 1 for width in widths):
+        raise ValueError(f"--hidden needs at least one width >= 1, got {FLAGS.hidden}")
+    return widths
+
+
+def facims_config(method: str, setting: dict | None = None) -> FacimsConfig:
+    """The config of ``method`` from the flags, with a grid ``setting`` on top (validated)."""
+    return common.config_from_flags(FacimsConfig, FLAGS, CONFIG_FLAGS, method=method, **(setting or {}))
+
+
+class SeedData:
+    """Everything a seed's runs share: splits, the counts that set the loss, grouped arrays."""
+
+    def __init__(self, seed: int):
+        dataset = load_dataset(FLAGS.dataset, FLAGS.drug_path, seed)
+        self.splits, self.original_train = prepare(dataset, seed, FLAGS.samples_per_group)
+        # One padded size for every seed (the dataset's largest group; padding is never sampled),
+        # so that the seeds' arrays stack into one vmapped program.
+        pad_to = int(max(
+            (self.original_train.group_counts + self.splits.val.group_counts + self.splits.test.group_counts).max(),
+            self.splits.train.group_counts.max(),
+        ))
+        self.grouped = FacimsData(
+            data.group_arrays(self.splits.train, pad_to=pad_to), data.group_arrays(self.splits.val, pad_to=pad_to)
+        )
+
+
+_SEED_DATA: dict[int, SeedData] = {}
+
+
+def seed_data(seed: int) -> SeedData:
+    if seed not in _SEED_DATA:
+        _SEED_DATA[seed] = SeedData(seed)
+    return _SEED_DATA[seed]
+
+
+def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
+    """Train ``runs`` (``(config, seed)`` pairs of one static setting) as one vmapped program.
+
+    The chunk is padded to ``chunk_size`` runs by repeating its last run (the copies are
+    dropped), so every chunk of a sweep has the same shapes and the round compiles once.
+    Returns the final states of the real runs and the jitted round (for its compile count).
+    """
+    padded = list(runs) + [runs[-1]] * (chunk_size - len(runs))
+    per_run = []
+    for config, seed in padded:
+        prepared = seed_data(seed)
+        params = models.make_model(
+            "mlp", prepared.splits.train.num_classes, prepared.splits.train.num_features, jax.random.key(seed),
+            hidden=hidden_widths(),
+        )[0]
+        per_run.append((
+            jax.random.key(seed + 1), params, config.hyperparams(), prepared.original_train.class_counts,
+            prepared.original_train.group_counts, prepared.grouped,
+        ))
+    keys, params, hyperparams, class_counts, group_counts, grouped = (
+        sweep.stack([run[i] for run in per_run]) for i in range(6)
     )
-
-
-_ROUNDS: dict = {}  # compiled rounds, shared by the seeds of a method (see compiled_round)
-
-
-def compiled_round(solver, *, method: str, dataset: data.Dataset, original_train: data.Dataset):
-    """``jax.jit(solver.step)``, shared by the seeds whose rounds are the same program.
-
-    The round's program depends on the flags, the method, the model's shape and the constants
-    the solver derives from the training counts (``v_bar`` and the per-group SAM radii), not on
-    the seed. Seeds usually agree on those constants (the split is stratified on the label) even
-    when their group counts differ, so they share one jitted round. A fresh ``jax.jit`` per seed
-    would trace the round again and reload it from the compilation cache: 8 s of tracing plus
-    9 s of loading per seed for the unrolled credit round."""
-    radii = group_sharpness(facims_config(method), original_train.group_counts)
-    key = (
-        method,
-        dataset.num_features,
-        np.asarray(original_train.class_counts).tobytes(),  # v_bar is a function of these
-        np.asarray(radii).tobytes(),
-    )
-    if key not in _ROUNDS:
-        _ROUNDS[key] = jax.jit(solver.step)
-    return _ROUNDS[key]
-
-
-def run_facims_method(method, splits, original_train, seed, progress, checkpoints, run):
-    dataset = splits.train
-    params, apply_fn = models.make_model("mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed))
-    solver = facims(
-        apply_fn,
-        facims_config(method),
-        class_counts=original_train.class_counts,
-        group_counts=original_train.group_counts,
-        batch_size=FLAGS.batch_size,
-        val_batch_size=FLAGS.batch_size,
-    )
-    done, state = checkpoints.restore(run, solver.init(jax.random.key(seed + 1), params))
-    progress.update(progress.done + done)
-    # One padded size for every seed (the dataset's largest group; padding is never sampled), so
-    # the compiled round is reused across seeds instead of recompiled for each split's shapes.
-    pad_to = int(max(
-        (original_train.group_counts + splits.val.group_counts + splits.test.group_counts).max(),
-        splits.train.group_counts.max(),
-    ))
-    train_groups = data.group_arrays(splits.train, pad_to=pad_to)
-    val_groups = data.group_arrays(splits.val, pad_to=pad_to)
-    step = compiled_round(solver, method=method, dataset=dataset, original_train=original_train)
+    init = jax.vmap(lambda k, p, h, cc, gc: solver.init(k, p, h, class_counts=cc, group_counts=gc))
+    done, states = checkpoints.restore(name, init(keys, params, hyperparams, class_counts, group_counts))
+    progress.update(progress.done + done * len(runs))
+    step = compiled_round(solver)
     for epoch in range(done + 1, FLAGS.epochs + 1):
-        state, metrics = step(state, (train_groups, val_groups))
-        metrics = {k: float(v) for k, v in metrics.items()}
-        check_finite(metrics, what=f"{method} training metric ", epoch=epoch)
-        checkpoints.save(run, epoch, state)
-        progress.advance(metrics)
-    return solver, state
+        states, metrics = step(states, grouped)
+        metrics = {k: float(np.mean(np.asarray(v)[: len(runs)])) for k, v in metrics.items()}
+        check_finite(metrics, what="training metric (mean over the chunk's runs) ", epoch=epoch)
+        checkpoints.save(name, epoch, states)
+        progress.update(progress.done + len(runs), metrics)
+    return [sweep.take(states, index) for index in range(len(runs))]
 
 
-def run_baseline(method, splits, original_train, seed, progress, checkpoints, run):
-    dataset = splits.train
-    params, apply_fn = models.make_model("mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed))
+_ROUNDS: dict = {}
+
+
+def compiled_round(solver):
+    """``jax.jit(jax.vmap(solver.step))``, one per solver (one per method and static setting)."""
+    if id(solver) not in _ROUNDS:
+        _ROUNDS[id(solver)] = (solver, jax.jit(jax.vmap(solver.step)))
+    return _ROUNDS[id(solver)][1]
+
+
+def compile_counts() -> dict[str, int]:
+    """Compiled programs per jitted round (1 each: a sweep never recompiles)."""
+    return {f"round_{index}": int(step._cache_size()) for index, (_, step) in enumerate(_ROUNDS.values())}
+
+
+def run_baseline(method, seed, progress, checkpoints, run):
+    prepared = seed_data(seed)
+    dataset = prepared.splits.train
+    params, apply_fn = models.make_model(
+        "mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed), hidden=hidden_widths()
+    )
     loss_name = "ce" if method == "erm" else "weighted_ce"
-    loss_fn = losses.make_loss(loss_name, class_counts=original_train.class_counts)
+    loss_fn = losses.make_loss(loss_name, class_counts=prepared.original_train.class_counts)
     steps_per_epoch = -(-len(dataset) // FLAGS.batch_size)
     solver = erm(apply_fn, loss_fn, optax.adam(FLAGS.baseline_lr), steps_per_epoch=steps_per_epoch)
     state, _ = fit_resumable(
@@ -243,6 +215,22 @@ def run_baseline(method, splits, original_train, seed, progress, checkpoints, ru
     return solver, state
 
 
+def evaluated_row(method, seed, setting, predict, state, seconds) -> dict:
+    splits = seed_data(seed).splits
+    test = evaluate(predict, state, splits.test, num_bins=FLAGS.num_bins)
+    val = evaluate(predict, state, splits.val, num_bins=FLAGS.num_bins)
+    row = dict(method=method, seed=seed, setting=common.setting_label(setting), **setting, seconds=seconds, **test)
+    row.update({f"val_{name}": value for name, value in val.items()})
+    print(
+        f"[{method} {row['setting']} seed={seed}] balanced_accuracy={test['balanced_accuracy']:.4f} "
+        f"(val {val['balanced_accuracy']:.4f}) sgap_official={test['sufficiency_gap_official']:.4f} "
+        f"dp_gap={test['dp_gap']:.4f} deo_gap={test['deo_gap']:.4f} ({seconds:.1f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
+
+
 def setup(argv):
     """Validate the flags and open the checkpoints; errors become usage errors (no traceback)."""
     try:
@@ -251,62 +239,118 @@ def setup(argv):
         seeds = common.parse_seeds(FLAGS.seeds)
         common.parse_choices("methods", FLAGS.methods, METHODS + BASELINES)
         common.check_number_flags(FLAGS, _OWN_FLAGS)
+        hidden_widths()
+        grid = common.parse_grid(FLAGS.grid, FacimsConfig)
+        if "method" in grid:
+            raise ValueError("--grid cannot sweep method; list the methods in --methods")
+        settings = sweep.product(grid) if grid else [{}]
+        for method in FLAGS.methods:
+            if method in METHODS:
+                for setting in settings:
+                    facims_config(method, setting)  # validates every setting before any training
+        if FLAGS.select is not None:
+            metric, _ = common.metric_direction(FLAGS.select)
+            if not metric.startswith("val_"):
+                raise ValueError(f"--select={FLAGS.select}: choose with a validation metric (val_...), never a test one")
         stem = f"facims_{FLAGS.dataset}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
-        facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")  # validates the values
         if FLAGS.dataset == "drug":  # a missing or malformed file is a usage error, not a traceback later
             try:
                 data.drug(FLAGS.drug_path)
             except (FileNotFoundError, ValueError) as error:
                 raise ValueError(f"--drug_path: {error}") from None
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, TypeError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
-    return seeds, stem, checkpoints
+    return seeds, settings, stem, checkpoints
+
+
+def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
+    """Every (setting, seed) run of a FACIMS method: one compiled round per static setting."""
+    configs = [facims_config(method, setting) for setting in settings]
+    reference = seed_data(seeds[0])
+    _, apply_fn = models.make_model(
+        "mlp", reference.splits.train.num_classes, reference.splits.train.num_features, jax.random.key(0),
+        hidden=hidden_widths(),
+    )
+    for static_index, members in enumerate(sweep.group_by_static(configs)):
+        solver = facims(
+            apply_fn, configs[members[0]], class_counts=reference.original_train.class_counts,
+            group_counts=reference.original_train.group_counts, batch_size=FLAGS.batch_size,
+            val_batch_size=FLAGS.batch_size,
+        )
+        runs = [(index, seed) for index in members for seed in seeds]
+        chunk_size = FLAGS.grid_chunk or len(runs)
+        for start in range(0, len(runs), chunk_size):
+            chunk = runs[start : start + chunk_size]
+            todo = [(i, s) for i, s in chunk if (method, common.setting_label(settings[i]), s) not in finished]
+            if not todo:
+                continue
+            started = time.perf_counter()
+            states = run_chunk(
+                solver, apply_fn, [(configs[i], s) for i, s in chunk], chunk_size, progress, checkpoints,
+                f"{method}_static{static_index}_chunk{start // chunk_size}",
+            )
+            seconds = (time.perf_counter() - started) / len(chunk)
+            for (index, seed), state in zip(chunk, states):
+                if (index, seed) not in todo:
+                    continue
+                row = evaluated_row(method, seed, settings[index], solver.predict, state, seconds)
+                checkpoints.add_finished_run(row)
+                rows.append(row)
+
+
+def selected_rows(rows, columns) -> tuple[list[dict], str]:
+    """With ``--select``: per method, the test rows of the setting chosen on validation, relabelled."""
+    if FLAGS.select is None:
+        return [], ""
+    metric, direction = common.metric_direction(FLAGS.select)
+    chosen_rows, notes = [], []
+    for method, label, value in common.select_on_validation(rows, FLAGS.select):
+        name = f"{method} (selected on {metric})"
+        chosen_rows += [dict(row, run=name) for row in rows if row["method"] == method and row["setting"] == label]
+        notes.append(f"* {name}: {label or 'the flags'} ({direction} mean {metric} = {value:.4f})")
+    return chosen_rows, "\n".join(notes) + "\n"
 
 
 def main(argv):
-    seeds, stem, checkpoints = setup(argv)
+    seeds, settings, stem, checkpoints = setup(argv)
     common.enable_compilation_cache()
     rows = checkpoints.finished_runs()
-    finished = {(row["method"], row["seed"]) for row in rows}
-    total = len(seeds) * len(FLAGS.methods) * FLAGS.epochs
-    progress = Progress(f"facims:{FLAGS.dataset}", total, every=max(1, FLAGS.epochs // 5))
+    finished = {(row["method"], row["setting"], row["seed"]) for row in rows}
+    facims_methods = [m for m in FLAGS.methods if m in METHODS]
+    total = len(seeds) * FLAGS.epochs * (len(settings) * len(facims_methods) + len(FLAGS.methods) - len(facims_methods))
+    progress = Progress(f"facims:{FLAGS.dataset}", total, every=max(1, total // 10))
     progress.update(len(finished) * FLAGS.epochs)
-    for seed in seeds:
-        if all((method, seed) in finished for method in FLAGS.methods):
+    for method in FLAGS.methods:
+        if method in METHODS:
+            run_method(method, seeds, settings, rows, finished, progress, checkpoints)
             continue
-        dataset = load_dataset(FLAGS.dataset, FLAGS.drug_path, seed)
-        splits, original_train = prepare(dataset, seed, FLAGS.samples_per_group)
-        for method in FLAGS.methods:
-            if (method, seed) in finished:
+        for seed in seeds:
+            if (method, "", seed) in finished:
                 continue
-            start = time.perf_counter()
-            runner = run_baseline if method in BASELINES else run_facims_method
-            solver, state = runner(method, splits, original_train, seed, progress, checkpoints, f"{method}_seed{seed}")
-            seconds = time.perf_counter() - start
-            report = evaluate(solver.predict, state, splits.test, num_bins=FLAGS.num_bins)
-            row = dict(method=method, seed=seed, seconds=seconds, **report)
+            started = time.perf_counter()
+            solver, state = run_baseline(method, seed, progress, checkpoints, f"{method}_seed{seed}")
+            row = evaluated_row(method, seed, {}, solver.predict, state, time.perf_counter() - started)
             checkpoints.add_finished_run(row)
             rows.append(row)
-            print(
-                f"[{method} seed={seed}] balanced_accuracy={report['balanced_accuracy']:.4f} "
-                f"sgap_official={report['sufficiency_gap_official']:.4f} sgap={report['sufficiency_gap']:.4f} "
-                f"dp_gap={report['dp_gap']:.4f} deo_gap={report['deo_gap']:.4f} ({seconds:.1f}s)",
-                file=sys.stderr,
-                flush=True,
-            )
+    for row in rows:
+        row["run"] = f"{row['method']} [{row['setting']}]" if row["setting"] else row["method"]
     recall_columns = sorted({k for row in rows for k in row if k.startswith("recall_")})
     columns = [c for c in REPORT_COLUMNS if c in rows[0]] + recall_columns + ["seconds"]
-    summary = common.summarize(rows, by="method", columns=columns)
-    paper = PAPER_CREDIT if FLAGS.dataset == "credit" else None
+    chosen, selection_notes = selected_rows(rows, columns)
+    summary = common.summarize(rows + chosen, by="run", columns=columns + ["val_balanced_accuracy"])
+    paper = PAPER_FACIMS_CREDIT if FLAGS.dataset == "credit" and not FLAGS.grid else None
     markdown = (
         f"# FACIMS on {FLAGS.dataset} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n\n"
-        + common.markdown_table(summary, columns, paper=paper)
+        + common.markdown_table(summary, columns + ["val_balanced_accuracy"], paper=paper, index_name="run")
+        + (f"\nSelected on the validation split only (test numbers read once):\n\n{selection_notes}" if chosen else "")
     )
     config = dict(
         flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present or name in ("dataset", "methods")},
-        facims=dataclasses.asdict(facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")),
+        facims=dataclasses.asdict(facims_config(facims_methods[0] if facims_methods else "facims")),
+        grid={name: values for name, values in common.parse_grid(FLAGS.grid, FacimsConfig).items()},
+        compiled_rounds=compile_counts(),
     )
     targets = common.write_results(
         FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite

@@ -93,7 +93,7 @@ common = report = pd = None
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("facims_credit", "facims_drug", "autobalance_longtail", "autobalance_groups", "fairalm_celeba", "fairalm_adult")
-PAPER_SEEDS = (0, 42, 666, 777, 1009)  # common.PAPER_SEEDS
+from experiments.paper import PAPER_SEEDS  # noqa: E402
 FACIMS_ROUNDS = 50
 ALPHA_LOWS = ("0.01", "0.1", "0.2", "1")
 PARETO_LAMBDAS = ("0.1", "0.3", "0.5", "0.7", "0.9")
@@ -265,9 +265,10 @@ def plan_facims(suite: str) -> Plan:
             Step("table", "experiments.facims", [*base, "--methods=facims,erm,berm", f"--seeds={_csv(seeds)}"], out),
             Step("variants", "experiments.facims", [*base, "--methods=facims_i,facims_ii,fams", f"--seeds={_csv(few)}"], out),
         ]
-        for alpha in FLAGS.alpha_lows:
-            steps.append(Step(f"alpha_low_{alpha}", "experiments.facims",
-                              [*base, "--methods=facims", f"--alpha_low={alpha}", f"--seeds={_csv(few)}"], out))
+        if FLAGS.alpha_lows:  # one compiled, vmapped program for every alpha_low x seed (--grid)
+            steps.append(Step("alpha_low", "experiments.facims",
+                              [*base, "--methods=facims", f"--grid=alpha_low={_csv(FLAGS.alpha_lows)}",
+                               f"--seeds={_csv(few)}"], out))
         settings = [
             f"Seeds: FACIMS, ERM, BERM {_csv(seeds)}; FACIMS-I, FACIMS-II, FAMS and the α_low sweep {_csv(few)} "
             "(paper: 5 repeats)",
@@ -471,12 +472,8 @@ def build_suite(plan: Plan, docs: Path) -> report.Built:
         runs = pd.concat([_read_csv(base / s.name / f"facims_{dataset}.csv") for s in plan.steps
                           if s.name in ("table", "variants")], ignore_index=True)
         sweep = None
-        alpha_steps = [s for s in plan.steps if s.name.startswith("alpha_low_")]
-        if alpha_steps:
-            parts = []
-            for step in alpha_steps:
-                part = _read_csv(base / step.name / f"facims_{dataset}.csv")
-                parts.append(part.assign(alpha_low=float(step.name.removeprefix("alpha_low_"))))
+        if any(s.name == "alpha_low" for s in plan.steps):
+            parts = [_read_csv(base / "alpha_low" / f"facims_{dataset}.csv")]  # alpha_low is a column of the grid rows
             sweep_seeds = set(parts[0]["seed"])
             config = json.loads((base / "table" / f"facims_{dataset}.json").read_text())["config"]
             main = runs[(runs["method"] == "facims") & runs["seed"].isin(sweep_seeds)]

@@ -19,9 +19,9 @@ from fairopt.train import fit
 NUM_FEATURES, NUM_CLASSES, NUM_GROUPS, BATCH = 4, 2, 3, 8
 
 
-def _tiny_problem(seed=0):
+def _tiny_problem(seed=0, rows=300):
     dataset = data.synthetic_subgroups(
-        300,
+        rows,
         num_features=NUM_FEATURES,
         class_proportions=(0.8, 0.2),
         group_proportions=(0.5, 0.3, 0.2),
@@ -238,3 +238,114 @@ def test_short_run_beats_erm_on_balanced_accuracy():
                               num_classes=2, num_groups=3)["balanced_accuracy"]
 
     assert balanced_accuracy(solver.predict, state) > balanced_accuracy(erm_solver.predict, erm_state) + 0.02
+
+
+# ---- hyperparameters as data ------------------------------------------------------------------
+
+
+def _sweep_inputs(seeds=(0, 1)):
+    """Per-seed datasets (different class/group counts) padded to one shape, and a solver."""
+    problems = [_tiny_problem(seed, rows=300 - 50 * seed) for seed in seeds]
+    pad_to = max(int(p[0].group_counts.max()) for p in problems)
+    grouped = [data.group_arrays(p[0], pad_to=pad_to) for p in problems]
+    dataset, _, apply_fn = problems[0]
+    config = FacimsConfig(num_mc=2, middle_steps=2, upper_steps=1, cg_iters=3, num_eval_samples=3, group_mapping="vmap")
+    solver = facims(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts,
+                    batch_size=BATCH, val_batch_size=BATCH)
+    return problems, grouped, config, solver
+
+
+def test_a_vmapped_sweep_equals_separate_runs_and_compiles_once():
+    """4 alpha_low values x 2 seeds (different class and group counts) as one vmapped program:
+    each run's state after 2 rounds equals the same run alone, and the round compiled once."""
+    import dataclasses
+
+    from fairopt import sweep
+
+    problems, grouped, config, solver = _sweep_inputs()
+    settings = [dataclasses.replace(config, alpha_low=a) for a in (0.1, 0.4, 0.7, 1.0)]
+    runs = [(c, s) for c in settings for s in range(len(problems))]
+    assert problems[0][0].class_counts.tolist() != problems[1][0].class_counts.tolist()  # the counts are data too
+
+    def init_args(c, s):
+        dataset, params, _ = problems[s]
+        return jax.random.key(s), params, c.hyperparams(), dataset.class_counts, dataset.group_counts
+
+    stacked = [sweep.stack(parts) for parts in zip(*(init_args(c, s) for c, s in runs))]
+    states = jax.vmap(lambda k, p, h, cc, gc: solver.init(k, p, h, class_counts=cc, group_counts=gc))(*stacked)
+    inputs = sweep.stack([(grouped[s], grouped[s]) for _, s in runs])
+    round_ = jax.jit(jax.vmap(solver.step))
+    for _ in range(2):
+        states, _ = round_(states, inputs)
+    assert round_._cache_size() == 1
+
+    single_round = jax.jit(solver.step)
+    for index, (c, s) in enumerate(runs):
+        key, params, hyperparams, class_counts, group_counts = init_args(c, s)
+        alone = solver.init(key, params, hyperparams, class_counts=class_counts, group_counts=group_counts)
+        for _ in range(2):
+            alone, _ = single_round(alone, (grouped[s], grouped[s]))
+        chex.assert_trees_all_close(sweep.take(states, index).global_posterior, alone.global_posterior, rtol=2e-4, atol=2e-5)
+        chex.assert_trees_all_close(sweep.take(states, index).vs_params, alone.vs_params, rtol=2e-4, atol=2e-5)
+    assert single_round._cache_size() == 1  # new numbers (settings, counts) never recompile
+    # the settings really differ: alpha_low 0.1 and 1.0 end in different posteriors
+    first, last = sweep.take(states, 0).global_posterior.mean, sweep.take(states, 6).global_posterior.mean
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(last))) > 1e-4
+
+
+def test_step_rejects_inputs_of_the_wrong_type_with_the_expected_type_named():
+    problems, grouped, config, solver = _sweep_inputs(seeds=(0,))
+    dataset, params, _ = problems[0]
+    state = solver.init(jax.random.key(0), params)
+    with pytest.raises(TypeError, match=r"takes FacimsData\(train, val\).*got GroupedArrays"):
+        solver.step(state, grouped[0])
+    batch = (dataset.features, dataset.labels)
+    with pytest.raises(TypeError, match=r"got tuple\(ndarray, ndarray\)"):
+        solver.step(state, batch)
+    two_groups = data.group_arrays(data.synthetic_subgroups(100, num_features=NUM_FEATURES, class_proportions=(0.8, 0.2),
+                                                             group_proportions=(0.5, 0.5), seed=0))
+    with pytest.raises(ValueError, match="have 2 groups but the solver was built for 3"):
+        solver.step(state, (two_groups, two_groups))
+    with pytest.raises(TypeError, match="hyperparams must be a FacimsHyperparams"):
+        solver.init(jax.random.key(0), params, {"alpha_low": 0.1})
+
+
+def test_config_splits_neumann_terms_and_cg_iters_and_checks_every_number():
+    with pytest.raises(ValueError, match="cg_iters must be >= 1, got 0"):
+        FacimsConfig(cg_iters=0)
+    FacimsConfig(inverse="neumann", neumann_terms=0)  # J = 0 is the one-term series alpha v
+    with pytest.raises(ValueError, match="neumann_terms must be >= 0"):
+        FacimsConfig(neumann_terms=-1)
+    with pytest.raises(ValueError, match="alpha_up must be a finite number"):
+        FacimsConfig(alpha_up=float("nan"))
+    with pytest.raises(ValueError, match="log_std_min=2.0 must be below log_std_max=1.0"):
+        FacimsConfig(log_std_min=2.0, log_std_max=1.0)
+    assert set(FacimsConfig.hyperparameter_names()) <= {f.name for f in __import__("dataclasses").fields(FacimsConfig)}
+
+
+def test_optimizer_slots_take_factories_and_ready_transformations():
+    problems, grouped, config, solver = _sweep_inputs(seeds=(0,))
+    dataset, params, apply_fn = problems[0]
+    counts = dict(class_counts=dataset.class_counts, group_counts=dataset.group_counts)
+    q = posterior.gaussian_init(params, init_std=0.5)
+    grads = jax.tree_util.tree_map(lambda leaf: jnp.full_like(leaf, 0.3), q)
+
+    def first_update(parts):
+        optimizer = parts.local_optimizer
+        return optimizer.update(grads, optimizer.init(q), q)[0]
+
+    default = first_update(facims_parts(apply_fn, config, **counts))
+    factory = first_update(facims_parts(apply_fn, config, local_optimizer=optax.adagrad, **counts))
+    chex.assert_trees_all_close(default, factory)  # the default is optax.adagrad(local_learning_rate)
+    faster = first_update(facims_parts(apply_fn, config, hyperparams=config.hyperparams()._replace(local_learning_rate=jnp.float32(0.8)), **counts))
+    chex.assert_trees_all_close(faster, jax.tree_util.tree_map(lambda u: 2 * u, default), rtol=1e-6)  # the rate is data
+    ready = optax.adam(1e-2)
+    assert facims_parts(apply_fn, config, local_optimizer=ready, **counts).local_optimizer is ready
+    with pytest.raises(TypeError, match="local_optimizer must be an optax GradientTransformation or a factory"):
+        facims(apply_fn, config, local_optimizer=0.1, **counts)
+    # predict takes a key; without one it draws from the state's own key (deterministic per state)
+    state = solver.init(jax.random.key(0), params)
+    x = jnp.asarray(dataset.features[:5])
+    predict = jax.jit(solver.predict)
+    np.testing.assert_array_equal(predict(state, x), predict(state, x))
+    assert not np.allclose(predict(state, x, jax.random.key(1)), predict(state, x, jax.random.key(2)))

@@ -110,21 +110,73 @@ def test_bad_flags_exit_nonzero_with_the_allowed_values_and_no_traceback(flag, m
     assert "Traceback" not in result.stderr
 
 
-def test_flags_reach_the_solver_config():
-    """Every FacimsConfig flag of experiments.facims ends up in the config it builds (a flag that
-    was parsed but not passed on would silently run the defaults)."""
+def test_every_config_field_is_a_flag_that_reaches_the_solver_config():
+    """Every FacimsConfig field is a flag of experiments.facims of the same name, and its value
+    ends up in the config it builds (a flag parsed but not passed on would run the defaults)."""
     script = (
-        "import sys, json\n"
+        "import sys, json, dataclasses\n"
         "from experiments import facims as e\n"
         "e.FLAGS(sys.argv)\n"
         "c = e.facims_config('facims_i')\n"
-        "print(json.dumps(dict(method=c.method, common_noise=c.common_noise, num_mc=c.num_mc, "
-        "inverse=c.inverse, inverse_terms=c.inverse_terms, alpha_low=c.alpha_low, group_mapping=c.group_mapping)))\n"
+        "print(json.dumps(dict(fields=[f.name for f in dataclasses.fields(c)], flags=list(e.CONFIG_FLAGS), "
+        "config=dataclasses.asdict(c))))\n"
     )
-    flags = ["--nocommon_noise", "--num_mc=3", "--inverse=neumann", "--inverse_terms=7", "--alpha_low=0.2", "--group_mapping=map"]
+    flags = ["--nocommon_noise", "--num_mc=3", "--inverse=neumann", "--neumann_terms=7", "--cg_iters=2", "--alpha_low=0.2",
+             "--group_mapping=map", "--log_std_min=-5", "--local_learning_rate=0.3", "--groups_per_step=2"]
     result = subprocess.run(
         [sys.executable, "-c", script, *flags], cwd=REPO, capture_output=True, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
     )
-    config = json.loads(result.stdout.strip().splitlines()[-1])
-    assert config == dict(method="facims_i", common_noise=False, num_mc=3, inverse="neumann", inverse_terms=7, alpha_low=0.2, group_mapping="map")
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(reply["flags"]) == set(reply["fields"]) - {"method"}
+    expected = dict(method="facims_i", common_noise=False, num_mc=3, inverse="neumann", neumann_terms=7, cg_iters=2,
+                    alpha_low=0.2, group_mapping="map", log_std_min=-5.0, local_learning_rate=0.3, groups_per_step=2)
+    assert {k: reply["config"][k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--cg_iters=0", "FacimsConfig.cg_iters must be >= 1, got 0"),
+        ("--inverse_terms=3", "Unknown command line flag 'inverse_terms'"),
+        ("--grid=bogus=1,2", "FacimsConfig has no setting 'bogus' (settings: method, alpha_low"),
+        ("--grid=alpha_low=0.1,x", "--grid alpha_low='x': could not convert"),
+        ("--grid=alpha_low=-1", "FacimsConfig.alpha_low must be >= 0, got -1.0"),
+        ("--grid=alpha_low", "--grid 'alpha_low': write NAME=v1,v2,..."),
+        ("--select=balanced_accuracy", "choose with a validation metric (val_...), never a test one"),
+        ("--hidden=4,x", "--hidden must be comma-separated integers"),
+    ],
+)
+def test_bad_settings_are_usage_errors_without_a_traceback(flag, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.facims", flag, "--output_dir=/nonexistent/never-written"],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_a_grid_sweep_writes_a_row_per_setting_and_seed_and_compiles_the_round_once(tmp_path):
+    """--grid=alpha_low=... x 2 seeds: 8 rows with the setting as a column, validation and test
+    metrics, one selected row, and one compiled FACIMS round for all 8 runs."""
+    env = dict(os.environ, FAIROPT_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    command = [
+        sys.executable, "-m", "experiments.facims", "--dataset=synthetic", "--grid=alpha_low=0.1,0.4,0.7,1.0",
+        "--seeds=0,42", "--epochs=2", "--hidden=8", "--num_mc=1", "--middle_steps=2", "--upper_steps=1",
+        "--group_mapping=vmap", "--grid_chunk=3", "--select=val_balanced_accuracy", f"--output_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "facims_synthetic.json").read_text())
+    runs = payload["runs"]
+    assert sorted((run["alpha_low"], run["seed"]) for run in runs) == sorted(
+        (a, s) for a in (0.1, 0.4, 0.7, 1.0) for s in (0, 42)
+    )
+    assert all(0 <= run["val_balanced_accuracy"] <= 1 and 0 <= run["balanced_accuracy"] <= 1 for run in runs)
+    assert payload["config"]["compiled_rounds"] == {"round_0": 1}  # 3 chunks (3 + 3 + 2 padded to 3), one program
+    labels = [row["run"] for row in payload["summary"]]
+    assert labels[:4] == [f"facims [alpha_low={a:g}]" for a in (0.1, 0.4, 0.7, 1.0)]
+    assert labels[4] == "facims (selected on val_balanced_accuracy)"
+    best = max(payload["summary"][:4], key=lambda row: row["val_balanced_accuracy_mean"])
+    assert payload["summary"][4]["balanced_accuracy_mean"] == best["balanced_accuracy_mean"]
