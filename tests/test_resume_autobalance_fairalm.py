@@ -189,6 +189,7 @@ AUTOBALANCE_BAD_FLAGS = [
     (["--grid=upper_learning_rate=0,1"], ["--grid setting upper_learning_rate=0: AutoBalanceConfig.upper_learning_rate must be > 0"]),
     (["--grid=upper_learning_rate=0.1", "--methods=ce"], ["add autobalance to --methods=ce"]),
     (["--select=val_balanced_error"], ["--select picks one setting of a --grid"]),
+    (["--grid=val_objective=balanced_ce,deo"], ["--grid setting val_objective=deo needs a group --dataset"]),
     (["--grid=lambda_val=0.1,0.9", "--select=balanced_error"], ["choose with a validation metric (val_...)"]),
     (["--hidden=64,x"], ["--hidden must be positive integers, got 'x'", "--hidden=128,64"]),
     (["--hidden=0"], ["--hidden must be positive integers, got 0"]),
