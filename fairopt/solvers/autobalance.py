@@ -37,7 +37,7 @@ where ``L_train`` is averaged over ``train_batches`` train batches (the official
 ``L_fair`` over ``val_batches`` validation batches, and ``H^{-1} v`` is the Neumann series with
 ``alpha = 1, J = 5`` (official code) unless configured otherwise.
 
-**Algorithm 1.** Search phase: ``warmup_epochs`` epochs with the initial loss; afterwards, every
+**Algorithm 1.** Search phase: ``warmup_steps`` lower steps with the initial loss; afterwards, every
 ``iter_interval`` lower steps, one upper step (before the lower step, as in the official code).
 Retrain phase: freeze ``alpha``, reset the model, train on ``S_T ∪ S_V`` for the same number of
 epochs (:func:`retrain_solver`, :func:`search_and_retrain`).
@@ -70,7 +70,11 @@ Decisions and deviations from the official code (github.com/ucr-optml/AutoBalanc
 * Because the batch loss is the weighted *mean*, only the ratios of the weights matter (a common
   factor cancels), as in the official code.
 * The upper optimiser is SGD with momentum (official) or Adam (``upper_optimizer``); its step
-  decays at the same epochs as the lower level's (its step count is converted to upper updates).
+  decays at the same lower-step counts (``lr_decay_steps``) as the lower level's.
+* Every number of :class:`AutoBalanceConfig` (:class:`AutoBalanceHyperparams`) is data: ``init``
+  stores it in the state and ``step`` reads it, so one compiled program serves a sweep
+  (``jax.vmap`` over settings and seeds); the solver has no training-loop settings: it counts
+  lower steps, and its batch size is the shape of the batch it is given.
 * Neumann series: fairopt's :func:`fairopt.implicit.neumann_inverse_hvp` returns
   ``alpha sum_j (I - alpha H)^j v`` (equal to the official code's at ``alpha = 1``).
 * The Table 1 image pipelines (ResNet-32, AutoAugment policies for PDA) are replaced by MLPs
@@ -80,8 +84,9 @@ Decisions and deviations from the official code (github.com/ucr-optml/AutoBalanc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +96,7 @@ import optax
 from fairopt import augment as augment_lib
 from fairopt import hparams as hparams_lib
 from fairopt import implicit, losses
+from fairopt.sweep import HyperparameterConfig
 from fairopt.train import (
     Batch,
     CheckpointStore,
@@ -110,43 +116,88 @@ DEO_REDUCTIONS = losses.DEO_REDUCTIONS
 _GROUP_OBJECTIVES = ("group_balanced_ce", "deo", "blend")
 
 
+class AutoBalanceHyperparams(NamedTuple):
+    """The numeric settings of :class:`AutoBalanceConfig`, traced: ``init`` stores them in the
+    state and ``step`` reads them from there, so a sweep over them is one compiled program.
+
+    (Not to be confused with :class:`AutoBalanceHparams`, the loss hyperparameters ``alpha``
+    that the upper level *learns*.)
+    """
+
+    tau: jax.Array
+    lambda_val: jax.Array
+    augment_radius_init: jax.Array
+    lower_learning_rate: jax.Array
+    lower_momentum: jax.Array
+    lower_weight_decay: jax.Array
+    upper_learning_rate: jax.Array
+    upper_momentum: jax.Array
+    upper_weight_decay: jax.Array
+    lr_decay_factor: jax.Array
+    neumann_alpha: jax.Array
+    damping: jax.Array
+    max_hypergrad_norm: jax.Array  # the largest float32: no clipping
+
+
 @dataclasses.dataclass(frozen=True)
-class AutoBalanceConfig:
-    """Hyperparameters of :func:`autobalance` (defaults: the official CIFAR settings, SPEC §6).
+class AutoBalanceConfig(HyperparameterConfig):
+    """Settings of :func:`autobalance`. The defaults are the project's tabular settings
+    (``experiments/autobalance.py`` derives its flags from them); the official CIFAR values of
+    Li et al.'s code are given in brackets where they differ.
+
+    The fields named in :class:`AutoBalanceHyperparams` are *hyperparameters*: numbers that
+    ``init`` stores in the state and ``step`` reads from there (changing one never recompiles;
+    ``jax.vmap`` sweeps over them, :mod:`fairopt.sweep`). The other fields are static: they change
+    the compiled program. Training-loop settings (epochs, batch size) are not here: the solver
+    counts lower steps, and the lower batch size is the shape of the batch it is given.
 
     Attributes:
-      search_space: one of :data:`SEARCH_SPACES` (``la_tau``, ``shift``, ``scale``,
-        ``shift_scale``, ``weight``).
-      init: one of :data:`INITS` (``ones``/``zeros``: w = 1, l = 0, d = 1; ``la``: l = tau log pi).
-      tau: logit-adjustment temperature of the LA init (and the start of ``la_tau``).
-      val_objective: validation objective, one of :data:`VAL_OBJECTIVES`
-        (:func:`fairopt.losses.make_validation_objective`): ``ce``, ``balanced_ce`` (CE_bal),
-        ``group_balanced_ce`` (CE_bal^G), ``deo`` (CE_deo, eq. 4.1) or ``blend``
-        (``(1 - lambda_val) CE + lambda_val CE_deo``).
-      lambda_val: the blend weight, in [0, 1] (used by ``blend`` only).
-      deo_reduce: reduction over groups of the DEO surrogate for G > 2 (``"mean"`` or ``"max"``).
-      cluster_size: classes per frequency cluster ``C`` (1: no clustering).
+      search_space: what the upper level learns: la_tau, shift (l), scale (Delta), shift_scale
+        (l and Delta) or weight (w).
+      init: initial loss: ones or zeros (w = 1, l = 0, d = 1), la (l = tau log pi), cdt or vs.
+      tau: logit-adjustment temperature of the la/vs inits (and the start of la_tau).
+      val_objective: upper-level objective: ce, balanced_ce, group_balanced_ce, deo (CE_deo,
+        eq. 4.1) or blend ((1 - lambda_val) CE + lambda_val CE_deo).
+      lambda_val: the CE_deo weight of the blend objective, in [0, 1].
+      deo_reduce: reduction over groups of the DEO surrogate for G > 2: mean or max.
+      cluster_size: classes per frequency cluster C sharing one hyperparameter (1: none).
       per_group: (class, group) hyperparameters of eq. (4.2).
       augment: learn per-class spherical augmentation radii (Lemma 2).
-      augment_radius_init: initial radius ``eps_y`` for every class.
-      epochs: search epochs (the retrain phase uses the same number).
-      warmup_epochs: epochs with the initial loss before the first upper step.
-      iter_interval: lower steps between upper steps.
-      train_batches: train batches averaged in ``d_train`` (the inner loss of the hypergradient).
-      val_batches: validation batches averaged in the validation gradient (all validation rows
-        are used when there are fewer than ``val_batches * batch_size``).
-      batch_size: rows per lower step.
-      lower_learning_rate, lower_momentum, lower_weight_decay: SGD of the model.
-      upper_optimizer: ``"sgd"`` (official) or ``"adam"``.
-      upper_learning_rate, upper_momentum, upper_weight_decay: optimiser of ``alpha``.
-      lr_decay_fractions: fractions of the epochs where both learning rates are multiplied by
-        ``lr_decay_factor`` (official: epochs 220 and 260 of 300).
-      lr_decay_factor: the decay factor.
-      inverse: ``"neumann"``, ``"cg"`` or ``"exact"`` (tiny models only).
-      neumann_alpha, inverse_terms: Neumann step and terms (also CG iterations).
-      damping: ``H + damping I`` in the inverse.
+      augment_radius_init: initial augmentation radius eps_y of every class.
+      warmup_steps: lower steps with the initial loss before the first upper step.
+      iter_interval: lower steps between upper steps [official 20].
+      train_batches: lower batches (of the step's batch size) sampled for d_train, the inner loss
+        of the hypergradient [official 10].
+      val_batches: validation batches of that size for the upper gradient (all validation rows
+        when there are fewer) [official 10].
+      lower_learning_rate: SGD step of the model [official 0.1].
+      lower_momentum: SGD momentum of the model.
+      lower_weight_decay: weight decay of the model [official 1e-4].
+      upper_optimizer: optimiser of the loss hyperparameters: sgd (official) or adam.
+      upper_learning_rate: step of the upper optimiser [official 0.01 with sgd].
+      upper_momentum: momentum of the upper SGD.
+      upper_weight_decay: weight decay of the upper optimiser.
+      lr_decay_steps: lower-step counts at which both learning rates are multiplied by
+        lr_decay_factor (official: epochs 220 and 260 of 300).
+      lr_decay_factor: the learning-rate decay factor.
+      inverse: inverse-Hessian-vector product of the hypergradient: neumann, cg or exact (tiny
+        models only).
+      neumann_alpha: Neumann series step [official 1].
+      neumann_terms: Neumann series terms J (inverse=neumann).
+      cg_iters: conjugate-gradient iterations (inverse=cg), >= 1.
+      damping: H + damping I in the inverse.
       max_hypergrad_norm: clip the hypergradient to this global norm (None: no clipping).
     """
+
+    Hyperparams: ClassVar[type] = AutoBalanceHyperparams
+    CHOICES: ClassVar[dict] = {
+        "search_space": SEARCH_SPACES,
+        "init": INITS,
+        "val_objective": VAL_OBJECTIVES,
+        "deo_reduce": DEO_REDUCTIONS,
+        "upper_optimizer": UPPER_OPTIMIZERS,
+        "inverse": implicit.INVERSES,
+    }
 
     search_space: str = "shift_scale"
     init: str = "ones"
@@ -158,67 +209,67 @@ class AutoBalanceConfig:
     per_group: bool = False
     augment: bool = False
     augment_radius_init: float = 0.1
-    epochs: int = 300
-    warmup_epochs: int = 120
-    iter_interval: int = 20
-    train_batches: int = 10
-    val_batches: int = 10
-    batch_size: int = 128
-    lower_learning_rate: float = 0.1
+    warmup_steps: int = 0
+    iter_interval: int = 5
+    train_batches: int = 2
+    val_batches: int = 4
+    lower_learning_rate: float = 0.05
     lower_momentum: float = 0.9
-    lower_weight_decay: float = 1e-4
-    upper_optimizer: str = "sgd"
-    upper_learning_rate: float = 0.01
+    lower_weight_decay: float = 5e-4
+    upper_optimizer: str = "adam"
+    upper_learning_rate: float = 0.1
     upper_momentum: float = 0.9
     upper_weight_decay: float = 1e-4
-    lr_decay_fractions: tuple[float, ...] = (220 / 300, 260 / 300)
+    lr_decay_steps: tuple[int, ...] = ()
     lr_decay_factor: float = 0.1
     inverse: str = "neumann"
-    neumann_alpha: float = 1.0
-    inverse_terms: int = 5
+    neumann_alpha: float = 0.1
+    neumann_terms: int = 5
+    cg_iters: int = 5
     damping: float = 0.0
     max_hypergrad_norm: float | None = None
 
     def __post_init__(self):
-        for name, value, choices in (
-            ("search_space", self.search_space, SEARCH_SPACES),
-            ("init", self.init, INITS),
-            ("val_objective", self.val_objective, VAL_OBJECTIVES),
-            ("upper_optimizer", self.upper_optimizer, UPPER_OPTIMIZERS),
-            ("inverse", self.inverse, implicit.INVERSES),
-            ("deo_reduce", self.deo_reduce, DEO_REDUCTIONS),
-        ):
-            if value not in choices:
-                raise ValueError(f"AutoBalanceConfig.{name}={value!r}; choose one of {', '.join(choices)}")
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"AutoBalanceConfig.{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        for name in self.hyperparameter_names():
+            value = getattr(self, name)
+            if name == "max_hypergrad_norm" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+                raise ValueError(f"AutoBalanceConfig.{name} must be a finite number, got {value!r}")
         if not 0.0 <= self.lambda_val <= 1.0:
             raise ValueError(f"AutoBalanceConfig.lambda_val must be in [0, 1], got {self.lambda_val}")
-        for name in ("cluster_size", "epochs", "iter_interval", "train_batches", "val_batches", "batch_size"):
+        for name in ("cluster_size", "iter_interval", "train_batches", "val_batches", "cg_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AutoBalanceConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(
-                f"AutoBalanceConfig.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
-            )
         for name in ("lower_learning_rate", "upper_learning_rate", "neumann_alpha", "lr_decay_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AutoBalanceConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in (
-            "lower_momentum",
-            "upper_momentum",
-            "lower_weight_decay",
-            "upper_weight_decay",
-            "damping",
-            "augment_radius_init",
-            "inverse_terms",
-        ):
+        for name in ("lower_momentum", "upper_momentum", "lower_weight_decay", "upper_weight_decay", "damping",
+                     "augment_radius_init", "neumann_terms", "warmup_steps", "tau"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AutoBalanceConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.inverse == "cg" and self.inverse_terms < 1:
-            raise ValueError("AutoBalanceConfig.inverse_terms must be >= 1 with inverse='cg' (CG iterations)")
-        if any(not 0.0 < f < 1.0 for f in self.lr_decay_fractions):
-            raise ValueError(f"AutoBalanceConfig.lr_decay_fractions must lie in (0, 1), got {self.lr_decay_fractions}")
+        try:
+            steps = tuple(int(b) for b in self.lr_decay_steps)
+        except (TypeError, ValueError):
+            raise ValueError(f"AutoBalanceConfig.lr_decay_steps must be step counts, got {self.lr_decay_steps!r}") from None
+        if any(b < 1 or b != v for b, v in zip(steps, self.lr_decay_steps)) or list(steps) != sorted(set(steps)):
+            raise ValueError(
+                f"AutoBalanceConfig.lr_decay_steps must be increasing whole step counts >= 1, got {self.lr_decay_steps!r}"
+            )
+        object.__setattr__(self, "lr_decay_steps", steps)
         if self.max_hypergrad_norm is not None and not self.max_hypergrad_norm > 0:
             raise ValueError(f"AutoBalanceConfig.max_hypergrad_norm must be None or > 0, got {self.max_hypergrad_norm}")
+
+    def hyperparams(self) -> AutoBalanceHyperparams:
+        """The numeric fields as float32 scalars (``max_hypergrad_norm=None`` becomes the largest
+        float32, i.e. no clipping, so the state stays finite)."""
+        values = {name: getattr(self, name) for name in self.hyperparameter_names()}
+        if values["max_hypergrad_norm"] is None:
+            values["max_hypergrad_norm"] = float(np.finfo(np.float32).max)
+        return AutoBalanceHyperparams(**{name: jnp.asarray(value, jnp.float32) for name, value in values.items()})
 
     @property
     def objective_name(self) -> str:
@@ -226,6 +277,12 @@ class AutoBalanceConfig:
         if self.val_objective != "blend":
             return self.val_objective
         return f"{1 - self.lambda_val:g}*ce+{self.lambda_val:g}*deo"
+
+
+def decay_steps(fractions: Sequence[float], total_steps: int) -> tuple[int, ...]:
+    """``lr_decay_steps`` from fractions of a run of ``total_steps`` lower steps (e.g. the
+    official ``(220/300, 260/300)``): ``round(f * total_steps)``, those strictly inside the run."""
+    return tuple(sorted({int(round(f * total_steps)) for f in fractions} & set(range(1, total_steps))))
 
 
 class AutoBalanceHparams(NamedTuple):
@@ -257,6 +314,7 @@ class AutoBalanceState(NamedTuple):
     hparam_opt_state: Any
     step: jax.Array  # int32: lower steps taken
     key: jax.Array  # raw uint32 key data (jax.random.key_data), so numpy-based checks accept it
+    hyperparams: AutoBalanceHyperparams  # the config's numbers (traced; vmap-able)
 
 
 class HyperData(NamedTuple):
@@ -284,48 +342,87 @@ def _key_data(key: jax.Array) -> jax.Array:
     return jnp.asarray(key)
 
 
-def _lr_schedule(base: float, config: AutoBalanceConfig, total_steps: int):
-    boundaries = {int(round(f * total_steps)): config.lr_decay_factor for f in config.lr_decay_fractions}
-    boundaries = {b: s for b, s in boundaries.items() if 0 < b < total_steps}
+def _decayed(base, factor, step, boundaries: Sequence[int]):
+    """``base * factor ** (number of boundaries <= step)`` (optax's piecewise-constant schedule)."""
     if not boundaries:
         return base
-    return optax.piecewise_constant_schedule(base, boundaries)
+    passed = sum((step >= b).astype(jnp.float32) for b in boundaries)
+    return base * factor**passed
 
 
-def make_lower_optimizer(config: AutoBalanceConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The lower-level optimiser: SGD with momentum and weight decay, step decays at
-    ``lr_decay_fractions`` of ``config.epochs`` (official: 0.1 at epochs 220 and 260 of 300).
+def _as_factory(optimizer, name: str):
+    """An optimiser slot: None, a factory ``learning_rate -> GradientTransformation`` or a ready
+    transformation (used as it is)."""
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, optax.GradientTransformation):
+        return lambda learning_rate: optimizer
+    if callable(optimizer):
+        return optimizer
+    raise TypeError(
+        f"{name} must be an optax GradientTransformation or a factory learning_rate -> GradientTransformation "
+        f"(e.g. optax.adam), got {type(optimizer).__name__}"
+    )
 
-    Exposed so that fixed-loss baselines can be trained with exactly the same optimiser.
-    """
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    schedule = _lr_schedule(config.lower_learning_rate, config, config.epochs * steps_per_epoch)
+
+def make_lower_optimizer(config: AutoBalanceConfig) -> optax.GradientTransformation:
+    """The lower-level optimiser at the config's numbers: SGD with momentum and weight decay, the
+    step decayed at ``config.lr_decay_steps`` (its own update count). Exposed so that fixed-loss
+    baselines can be trained with exactly the same optimiser."""
+    if not isinstance(config, AutoBalanceConfig):
+        raise TypeError(f"config must be an AutoBalanceConfig, got {type(config).__name__}")
+    schedule = config.lower_learning_rate
+    if config.lr_decay_steps:
+        schedule = optax.piecewise_constant_schedule(
+            config.lower_learning_rate, {b: config.lr_decay_factor for b in config.lr_decay_steps}
+        )
     return optax.chain(
         optax.add_decayed_weights(config.lower_weight_decay),
         optax.sgd(schedule, momentum=config.lower_momentum or None),
     )
 
 
+def check_labels_and_groups(labels, groups, *, num_classes: int, num_groups: int, name: str = "data") -> None:
+    """Host-side check (a compiled step cannot raise on values): labels in ``[0, num_classes)``
+    and group ids in ``[0, num_groups)``, else a ValueError saying how to fix it."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{name} labels must lie in [0, num_classes={num_classes}), got {int(labels.min())}..{int(labels.max())}"
+        )
+    if groups.size and (groups.min() < 0 or groups.max() >= num_groups):
+        raise ValueError(
+            f"{name} group ids must lie in [0, num_groups={num_groups}), got {int(groups.min())}..{int(groups.max())}; "
+            "pass num_groups (or cell_counts with that many columns) covering every group"
+        )
+
+
 class AutoBalanceSolver(NamedTuple):
     """A :class:`fairopt.train.Solver` with the extra pure functions of the bilevel method.
 
     Attributes:
-      init: ``init(key, params, hparams=None) -> AutoBalanceState`` (``hparams``: start from
-        given raw hyperparameters, e.g. the searched ones for the retrain phase).
+      init: ``init(key, params, hyperparams=None, *, hparams=None) -> AutoBalanceState``
+        (``hyperparams``: an :class:`AutoBalanceHyperparams`, default ``config.hyperparams()``;
+        ``hparams``: start from given raw loss hyperparameters, e.g. the searched ones for the
+        retrain phase). Every argument may be batched with ``jax.vmap`` for a sweep.
       step: search phase: ``step(state, SearchBatch)``; retrain phase: ``step(state, Batch)``.
-      predict: ``predict(state, x) -> probabilities [n, K]`` (plain softmax of the model; the
-        loss adjustments act only during training).
+      predict: ``predict(state, x, key=None) -> probabilities [n, K]`` (plain softmax of the
+        model; the loss adjustments act only during training).
       loss_params: ``loss_params(raw) -> LossParams`` (the effective ``[K]`` / ``[K, G]`` values).
       train_objective: ``train_objective(params, raw, x, y, groups, mask, noise) -> scalar``.
-      val_objective: ``val_objective(params, x, y, groups, mask) -> scalar``.
-      hypergradient: ``hypergradient(params, raw, train_rows, val_rows, noise) -> (AutoBalanceHparams,
-        val objective)``, with ``train_rows`` / ``val_rows`` as :class:`Batch`; the search-space
-        mask is applied (non-searched entries are zero).
-      initial_hparams: ``initial_hparams() -> AutoBalanceHparams`` from ``init`` / ``tau``.
+      val_objective: ``val_objective(params, x, y, groups, mask, hyperparams=None) -> scalar``.
+      hypergradient: ``hypergradient(params, raw, train_rows, val_rows, noise, hyperparams=None)
+        -> (AutoBalanceHparams, val objective)``, with ``train_rows`` / ``val_rows`` as
+        :class:`Batch`; the search-space mask is applied (non-searched entries are zero).
+      initial_hparams: ``initial_hparams(hyperparams=None) -> AutoBalanceHparams`` from ``init``
+        / ``tau`` / ``augment_radius_init``.
       config: the :class:`AutoBalanceConfig`.
       class_counts, cell_counts, num_features: what the solver was built from (the retrain
         phase reuses them, :func:`retrain_solver`).
+      lockstep_step: search phase only: ``lockstep_step(states, batches)``, ``jax.vmap(step)``
+        for runs with a leading axis that take their steps together (a sweep), with the upper
+        update decided once for all runs (a real branch rather than a per-run select);
+        :func:`make_lockstep_search_epoch_fn` uses it.
     """
 
     init: Callable
@@ -340,6 +437,7 @@ class AutoBalanceSolver(NamedTuple):
     class_counts: np.ndarray
     cell_counts: np.ndarray | None
     num_features: int
+    lockstep_step: Callable | None = None
 
 
 def autobalance(
@@ -349,31 +447,41 @@ def autobalance(
     class_counts: Sequence[int],
     cell_counts: np.ndarray | None = None,
     num_features: int,
-    steps_per_epoch: int,
     search: bool = True,
+    lower_optimizer=None,
+    hparam_optimizer=None,
 ) -> AutoBalanceSolver:
     """Build the AutoBalance solver (search phase, or the frozen-loss retrain phase).
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits [B, K]``.
-      config: :class:`AutoBalanceConfig`.
+      config: :class:`AutoBalanceConfig` (its static fields fix the program; its numbers are
+        only the defaults of ``init``'s ``hyperparams``).
       class_counts: ``[K]`` training class counts of the split the loss is designed on (they set
         the clusters and the LA init).
       cell_counts: ``[K, G]`` (class, group) counts; required with ``config.per_group`` or with a
         group validation objective (``group_balanced_ce``, ``deo``, ``blend``); they give ``G``.
       num_features: input dimension ``d`` (for the augmentation noise).
-      steps_per_epoch: lower steps per epoch (sets the warm-up and the learning-rate decay).
-      search: True for the search phase (upper steps after the warm-up); False for the retrain
-        phase (hyperparameters frozen, ``step`` consumes a plain :class:`Batch`).
+      search: True for the search phase (upper steps after ``config.warmup_steps`` lower steps);
+        False for the retrain phase (hyperparameters frozen, ``step`` consumes a plain
+        :class:`fairopt.train.Batch`).
+      lower_optimizer, hparam_optimizer: the model's and the loss hyperparameters' optimisers:
+        None (SGD with ``lower_momentum`` / ``config.upper_optimizer``), a factory
+        ``learning_rate -> optax.GradientTransformation`` such as ``optax.adam`` (it receives the
+        traced, decayed learning rate of the step), or a ready transformation (used as it is).
+        Weight decay (``lower_weight_decay`` / ``upper_weight_decay``) is chained before either.
 
     Returns:
       An :class:`AutoBalanceSolver`.
 
     Raises:
       ValueError: inconsistent counts or configuration (the message names the argument).
+      TypeError: a wrong config or optimiser type.
     """
     if not isinstance(config, AutoBalanceConfig):
-        raise ValueError(f"config must be an AutoBalanceConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be an AutoBalanceConfig, got {type(config).__name__}")
+    lower_factory = _as_factory(lower_optimizer, "lower_optimizer")
+    upper_factory = _as_factory(hparam_optimizer, "hparam_optimizer")
     class_counts = np.asarray(class_counts)
     if class_counts.ndim != 1 or class_counts.size < 2:
         raise ValueError(f"class_counts must be a [K] vector with K >= 2, got shape {class_counts.shape}")
@@ -393,60 +501,73 @@ def autobalance(
         num_groups = 1
     if config.per_group and num_groups < 2:
         raise ValueError(f"per_group=True needs cell_counts with G >= 2 groups, got G={num_groups}")
+    if config.val_objective in ("deo", "blend") and num_groups < 2:
+        raise ValueError(f"val_objective={config.val_objective!r} needs cell_counts with G >= 2 groups, got G={num_groups}")
     if config.cluster_size > num_classes:
         raise ValueError(f"config.cluster_size={config.cluster_size} exceeds the number of classes {num_classes}")
-    if num_features < 1 or steps_per_epoch < 1:
-        raise ValueError(f"num_features and steps_per_epoch must be >= 1, got {num_features}, {steps_per_epoch}")
+    if num_features < 1:
+        raise ValueError(f"num_features must be >= 1, got {num_features}")
 
-    space = hparams_lib.make_search_space(
-        config.search_space,
-        np.maximum(class_counts, 1),  # LA/CDT inits need positive counts
-        init=config.init,
-        cluster_size=config.cluster_size,
-        num_groups=num_groups if config.per_group else None,
-        tau=config.tau,
-    )
+    def search_space(tau: float):
+        return hparams_lib.make_search_space(
+            config.search_space,
+            np.maximum(class_counts, 1),  # LA/CDT inits need positive counts
+            init=config.init,
+            cluster_size=config.cluster_size,
+            num_groups=num_groups if config.per_group else None,
+            tau=tau,
+        )
+
+    # The initial raw hyperparameters are affine in tau (l = tau log pi, projected linearly on
+    # the clusters), so a traced tau is exact: h(tau) = h(0) + tau (h(1) - h(0)).
+    space, space_at_zero = search_space(1.0), search_space(0.0)
+    tau_slope = jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float32) - np.asarray(b, np.float32),
+                                       space.hparams, space_at_zero.hparams)
     clusters = jnp.asarray(space.dictionary.weight)  # [K, K'] frequency clusters
     num_clusters = int(clusters.shape[1])
-    validation = losses.make_validation_objective(
-        config.val_objective,
-        num_classes=num_classes,
-        num_groups=num_groups,
-        lambda_val=config.lambda_val,
-        reduce=config.deo_reduce,
-    )
     trainable = AutoBalanceHparams(space.trainable, config.augment)
+    labels = jax.tree_util.tree_map(lambda keep: "train" if keep else "freeze", trainable)
+    warmup_steps, boundaries = config.warmup_steps, config.lr_decay_steps
 
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = config.warmup_epochs * steps_per_epoch
-    lower_optimizer = make_lower_optimizer(config, steps_per_epoch)
-    # The upper optimiser counts its own updates (one per iter_interval lower steps after the
-    # warm-up); its decays happen at the same epochs as the lower level's.
-    upper_boundaries = {
-        max(1, math.ceil((round(f * total_steps) - warmup_steps) / config.iter_interval)): config.lr_decay_factor
-        for f in config.lr_decay_fractions
-        if warmup_steps < round(f * total_steps) < total_steps
-    }
-    upper_lr = (
-        optax.piecewise_constant_schedule(config.upper_learning_rate, upper_boundaries)
-        if upper_boundaries
-        else config.upper_learning_rate
-    )
-    if config.upper_optimizer == "sgd":
-        upper_base = optax.sgd(upper_lr, momentum=config.upper_momentum or None)
-    else:
-        upper_base = optax.adam(upper_lr)
-    upper_optimizer = optax.partition(
-        {
-            "train": optax.chain(optax.add_decayed_weights(config.upper_weight_decay), upper_base),
-            "freeze": optax.set_to_zero(),
-        },
-        jax.tree_util.tree_map(lambda keep: "train" if keep else "freeze", trainable),
-    )
+    def validation_for(h: AutoBalanceHyperparams):
+        return losses.make_validation_objective(
+            config.val_objective, num_classes=num_classes, num_groups=num_groups, lambda_val=h.lambda_val,
+            reduce=config.deo_reduce,
+        )
 
-    def initial_hparams() -> AutoBalanceHparams:
-        radius_raw = np.log(np.expm1(max(config.augment_radius_init, 1e-6)))  # softplus^{-1}
-        return AutoBalanceHparams(space.hparams, jnp.full((num_clusters,), radius_raw, jnp.float32))
+    def lower_optimizer_at(h: AutoBalanceHyperparams, step):
+        lr = _decayed(h.lower_learning_rate, h.lr_decay_factor, step, boundaries)
+        base = lower_factory(lr) if lower_factory is not None else optax.sgd(lr, momentum=h.lower_momentum)
+        return optax.chain(optax.add_decayed_weights(h.lower_weight_decay), base)
+
+    def upper_optimizer_at(h: AutoBalanceHyperparams, step):
+        # Decays at the same lower-step counts as the lower level's learning rate.
+        lr = _decayed(h.upper_learning_rate, h.lr_decay_factor, step, boundaries)
+        if upper_factory is not None:
+            base = upper_factory(lr)
+        elif config.upper_optimizer == "sgd":
+            base = optax.sgd(lr, momentum=h.upper_momentum)
+        else:
+            base = optax.adam(lr)
+        return optax.partition(
+            {"train": optax.chain(optax.add_decayed_weights(h.upper_weight_decay), base), "freeze": optax.set_to_zero()},
+            labels,
+        )
+
+    def _hyperparams(hyperparams) -> AutoBalanceHyperparams:
+        hyperparams = config.hyperparams() if hyperparams is None else hyperparams
+        if not isinstance(hyperparams, AutoBalanceHyperparams):
+            raise TypeError(
+                f"hyperparams must be an AutoBalanceHyperparams (config.hyperparams()), got {type(hyperparams).__name__}"
+            )
+        return AutoBalanceHyperparams(*(jnp.asarray(value, jnp.float32) for value in hyperparams))
+
+    def initial_hparams(hyperparams: AutoBalanceHyperparams | None = None) -> AutoBalanceHparams:
+        h = _hyperparams(hyperparams)
+        loss = jax.tree_util.tree_map(lambda zero, slope: jnp.asarray(zero, jnp.float32) + h.tau * slope,
+                                      space_at_zero.hparams, tau_slope)
+        radius_raw = jnp.log(jnp.expm1(jnp.maximum(h.augment_radius_init, 1e-6)))  # softplus^{-1}
+        return AutoBalanceHparams(loss, jnp.full((num_clusters,), radius_raw, jnp.float32))
 
     def loss_params(raw: AutoBalanceHparams) -> LossParams:
         kwargs = hparams_lib.to_loss_kwargs(raw.loss, space.dictionary)
@@ -473,53 +594,56 @@ def autobalance(
         mask = mask.astype(per_example.dtype)
         return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(row_weight * mask), 1e-12)
 
-    def val_objective(params, x, y, groups, mask):
+    def val_objective(params, x, y, groups, mask, hyperparams=None):
         """The validation objective ``config.val_objective`` of the plain cross-entropy."""
         per_example = losses.cross_entropy(apply_fn(params, x), y)
-        return validation(per_example, y, groups, mask)
+        return validation_for(_hyperparams(hyperparams))(per_example, y, groups, mask)
 
-    def inner_loss_fn(train_rows: Batch, noise):
+    def hypergradient(params, raw: AutoBalanceHparams, train_rows: Batch, val_rows: Batch, noise, hyperparams=None):
+        h = _hyperparams(hyperparams)
+
         def inner(params, raw):
-            l2 = 0.5 * config.lower_weight_decay * optax.tree.norm(params, squared=True)
+            l2 = 0.5 * h.lower_weight_decay * optax.tree.norm(params, squared=True)
             return train_objective(params, raw, train_rows.x, train_rows.y, train_rows.groups, train_rows.mask, noise) + l2
 
-        return inner
-
-    def hypergradient(params, raw: AutoBalanceHparams, train_rows: Batch, val_rows: Batch, noise):
         # The validation rows are closed over rather than passed as ``outer_args``:
         # implicit_hypergradient differentiates its outer_args, which fails on integer labels.
         def outer(params, raw):
             del raw  # L_fair does not depend on alpha directly (paper §2.1)
-            return val_objective(params, val_rows.x, val_rows.y, val_rows.groups, val_rows.mask)
+            return val_objective(params, val_rows.x, val_rows.y, val_rows.groups, val_rows.mask, h)
 
         grads, _ = implicit.implicit_hypergradient(
-            inner_loss_fn(train_rows, noise),
+            inner,
             outer,
             params,
             raw,
             (),
             inverse=config.inverse,
-            alpha=config.neumann_alpha,
-            num_terms=config.inverse_terms,
-            cg_iters=max(config.inverse_terms, 1),
-            damping=config.damping,
+            alpha=h.neumann_alpha,
+            num_terms=config.neumann_terms,
+            cg_iters=config.cg_iters,
+            damping=h.damping,
         )
         grads = AutoBalanceHparams(
             hparams_lib.freeze_gradients(grads.loss, space.trainable),
             grads.radius if config.augment else jnp.zeros_like(grads.radius),
         )
-        value = val_objective(params, val_rows.x, val_rows.y, val_rows.groups, val_rows.mask)
+        value = val_objective(params, val_rows.x, val_rows.y, val_rows.groups, val_rows.mask, h)
         return grads, value
 
-    def init(key, params, hparams: AutoBalanceHparams | None = None) -> AutoBalanceState:
-        raw = initial_hparams() if hparams is None else jax.tree_util.tree_map(jnp.asarray, hparams)
+    def init(key, params, hyperparams: AutoBalanceHyperparams | None = None, *,
+             hparams: AutoBalanceHparams | None = None) -> AutoBalanceState:
+        h = _hyperparams(hyperparams)
+        raw = initial_hparams(h) if hparams is None else jax.tree_util.tree_map(jnp.asarray, hparams)
+        step = jnp.zeros((), jnp.int32)
         return AutoBalanceState(
             params=params,
-            opt_state=lower_optimizer.init(params),
+            opt_state=lower_optimizer_at(h, step).init(params),
             hparams=raw,
-            hparam_opt_state=upper_optimizer.init(raw),
-            step=jnp.zeros((), jnp.int32),
+            hparam_opt_state=upper_optimizer_at(h, step).init(raw),
+            step=step,
             key=_key_data(key),
+            hyperparams=h,
         )
 
     def _noise(key, shape):
@@ -527,26 +651,26 @@ def autobalance(
             return jnp.zeros(shape, jnp.float32)
         return augment_lib.unit_ball_noise(key, shape)
 
-    def _sample_rows(key, x, y, groups, num_batches):
-        """``num_batches * batch_size`` rows drawn without replacement (or all rows if fewer)."""
+    def _sample_rows(key, x, y, groups, wanted):
+        """``wanted`` rows drawn without replacement (or all rows if fewer)."""
         num_rows = x.shape[0]
-        wanted = num_batches * config.batch_size
         if num_rows <= wanted:
             return Batch(x, y, groups, jnp.ones((num_rows,), bool))
         rows = jax.random.permutation(key, num_rows)[:wanted]
         return Batch(x[rows], y[rows], groups[rows], jnp.ones((wanted,), bool))
 
-    def upper_update(state: AutoBalanceState, data: HyperData, key):
+    def upper_update(state: AutoBalanceState, data: HyperData, key, batch_size: int):
+        h = state.hyperparams
         train_key, val_key, noise_key = jax.random.split(key, 3)
-        train_rows = _sample_rows(train_key, data.train_x, data.train_y, data.train_groups, config.train_batches)
-        val_rows = _sample_rows(val_key, data.val_x, data.val_y, data.val_groups, config.val_batches)
+        train_rows = _sample_rows(train_key, data.train_x, data.train_y, data.train_groups,
+                                  config.train_batches * batch_size)
+        val_rows = _sample_rows(val_key, data.val_x, data.val_y, data.val_groups, config.val_batches * batch_size)
         noise = _noise(noise_key, train_rows.x.shape)
-        grads, value = hypergradient(state.params, state.hparams, train_rows, val_rows, noise)
+        grads, value = hypergradient(state.params, state.hparams, train_rows, val_rows, noise, h)
         norm = optax.tree.norm(grads)
-        if config.max_hypergrad_norm is not None:
-            factor = jnp.minimum(1.0, config.max_hypergrad_norm / jnp.maximum(norm, 1e-12))
-            grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
-        updates, hparam_opt_state = upper_optimizer.update(grads, state.hparam_opt_state, state.hparams)
+        factor = jnp.minimum(1.0, h.max_hypergrad_norm / jnp.maximum(norm, 1e-12))  # None in the config: no clipping
+        grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
+        updates, hparam_opt_state = upper_optimizer_at(h, state.step).update(grads, state.hparam_opt_state, state.hparams)
         hparams = optax.apply_updates(state.hparams, updates)
         return hparams, hparam_opt_state, value, norm
 
@@ -556,38 +680,71 @@ def autobalance(
         loss, grads = jax.value_and_grad(train_objective)(
             state.params, frozen, batch.x, batch.y, batch.groups, batch.mask, noise
         )
-        updates, opt_state = lower_optimizer.update(grads, state.opt_state, state.params)
+        optimizer = lower_optimizer_at(state.hyperparams, state.step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt_state, loss
 
-    def search_step(state: AutoBalanceState, batch: SearchBatch):
-        if not isinstance(batch, SearchBatch):
-            raise ValueError("the search-phase step consumes a SearchBatch(train=Batch, data=HyperData)")
+    def check_search_input(state, batch):
+        if not isinstance(batch, SearchBatch) or not isinstance(batch.train, Batch):
+            hint = " (a Batch is the retrain phase's input: autobalance(..., search=False))" if isinstance(batch, Batch) else ""
+            raise TypeError(
+                "the AutoBalance search step takes fairopt.solvers.autobalance.SearchBatch(train=fairopt.train.Batch, "
+                f"data=HyperData); got {type(batch).__name__}{hint}"
+            )
+        if not isinstance(state, AutoBalanceState):
+            raise TypeError(f"the AutoBalance step takes an AutoBalanceState (from init), got {type(state).__name__}")
+
+    def upper_due(step):
+        return (step >= warmup_steps) & (step % config.iter_interval == 0)
+
+    def search_step_at(state: AutoBalanceState, batch: SearchBatch, do_upper):
         key, upper_key, lower_key = jax.random.split(jax.random.wrap_key_data(state.key), 3)
-        do_upper = (state.step >= warmup_steps) & (state.step % config.iter_interval == 0)
+        batch_size = batch.train.x.shape[0]
 
         def skip(state, data, key):
             del data, key
             return state.hparams, state.hparam_opt_state, jnp.float32(0.0), jnp.float32(0.0)
 
         hparams, hparam_opt_state, value, norm = jax.lax.cond(
-            do_upper, upper_update, skip, state, batch.data, upper_key
+            do_upper, functools.partial(upper_update, batch_size=batch_size), skip, state, batch.data, upper_key
         )
         params, opt_state, loss = lower_update(state, hparams, batch.train, lower_key)
-        new_state = AutoBalanceState(params, opt_state, hparams, hparam_opt_state, state.step + 1, jax.random.key_data(key))
+        new_state = state._replace(params=params, opt_state=opt_state, hparams=hparams, hparam_opt_state=hparam_opt_state,
+                                   step=state.step + 1, key=jax.random.key_data(key))
         metrics = {
             "loss": loss,
-            "upper_steps": do_upper.astype(jnp.float32),
+            "upper_steps": jnp.asarray(do_upper, jnp.float32),
             "val_objective_sum": jnp.where(do_upper, value, 0.0),
             "hypergrad_norm_sum": jnp.where(do_upper, norm, 0.0),
         }
         return new_state, metrics
 
+    def search_step(state: AutoBalanceState, batch: SearchBatch):
+        check_search_input(state, batch)
+        return search_step_at(state, batch, upper_due(state.step))
+
+    def lockstep_step(states: AutoBalanceState, batches: SearchBatch):
+        """``jax.vmap(step)`` for runs in lockstep (leading run axis; equal step counts, as in a
+        sweep): the upper update is decided once for all runs, so it stays a real branch
+        (under ``jax.vmap`` a per-run ``lax.cond`` becomes a select that computes the
+        hypergradient at every step)."""
+        check_search_input(states, batches)
+        return jax.vmap(search_step_at, in_axes=(0, 0, None))(states, batches, upper_due(states.step[0]))
+
     def retrain_step(state: AutoBalanceState, batch: Batch):
+        if not isinstance(batch, Batch):
+            hint = " (a SearchBatch is the search phase's input)" if isinstance(batch, SearchBatch) else ""
+            raise TypeError(
+                f"the AutoBalance retrain step takes a fairopt.train.Batch(x, y, groups, mask); got {type(batch).__name__}{hint}"
+            )
+        if not isinstance(state, AutoBalanceState):
+            raise TypeError(f"the AutoBalance step takes an AutoBalanceState (from init), got {type(state).__name__}")
         key, lower_key = jax.random.split(jax.random.wrap_key_data(state.key))
         params, opt_state, loss = lower_update(state, state.hparams, batch, lower_key)
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1, key=jax.random.key_data(key)), {"loss": loss}
 
-    def predict(state: AutoBalanceState, x):
+    def predict(state: AutoBalanceState, x, key=None):
+        del key  # deterministic
         return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
 
     return AutoBalanceSolver(
@@ -603,6 +760,7 @@ def autobalance(
         class_counts=class_counts,
         cell_counts=cell_counts,
         num_features=int(num_features),
+        lockstep_step=lockstep_step if search else None,
     )
 
 
@@ -627,15 +785,47 @@ def make_search_epoch_fn(step: Callable, *, num_rows: int, batch_size: int) -> C
             return step(state, SearchBatch(batch, data))
 
         state, metrics = jax.lax.scan(body, state, (indices, mask))
-        upper_steps = jnp.sum(metrics["upper_steps"])
-        safe = jnp.maximum(upper_steps, 1.0)
-        nan = jnp.float32(jnp.nan)
-        return state, {
-            "loss": jnp.mean(metrics["loss"]),
-            "upper_steps": upper_steps,
-            "val_objective": jnp.where(upper_steps > 0, jnp.sum(metrics["val_objective_sum"]) / safe, nan),
-            "hypergrad_norm": jnp.where(upper_steps > 0, jnp.sum(metrics["hypergrad_norm_sum"]) / safe, nan),
-        }
+        return state, _epoch_summary(metrics)
+
+    return jax.jit(run_epoch)
+
+
+def _epoch_summary(metrics):
+    """Mean loss, number of upper steps and mean validation objective / hypergradient norm over
+    the upper steps (NaN without any) of one epoch's per-step metrics."""
+    upper_steps = jnp.sum(metrics["upper_steps"])
+    safe = jnp.maximum(upper_steps, 1.0)
+    nan = jnp.float32(jnp.nan)
+    return {
+        "loss": jnp.mean(metrics["loss"]),
+        "upper_steps": upper_steps,
+        "val_objective": jnp.where(upper_steps > 0, jnp.sum(metrics["val_objective_sum"]) / safe, nan),
+        "hypergrad_norm": jnp.where(upper_steps > 0, jnp.sum(metrics["hypergrad_norm_sum"]) / safe, nan),
+    }
+
+
+def make_lockstep_search_epoch_fn(solver: AutoBalanceSolver, *, num_rows: int, batch_size: int) -> Callable:
+    """One search epoch of many runs at once (a sweep over settings and seeds): the same values as
+    ``jax.jit(jax.vmap(make_search_epoch_fn(solver.step, ...)))``, computed with
+    ``solver.lockstep_step`` so that the hypergradient runs only at upper steps.
+
+    Returns:
+      ``run_epoch(states, data: HyperData, keys) -> (states, metrics)`` (jitted), every argument
+      and output with a leading run axis.
+    """
+    if solver.lockstep_step is None:
+        raise ValueError("make_lockstep_search_epoch_fn needs a search-phase solver (autobalance(..., search=True))")
+
+    def run_epoch(states, data: HyperData, keys):
+        indices, mask = jax.vmap(lambda key: shuffled_batch_indices(key, num_rows, batch_size))(keys)  # [R, S, B]
+
+        def body(states, rows_and_mask):
+            rows, rows_mask = rows_and_mask  # [R, B]
+            batch = jax.vmap(lambda d, r, m: Batch(d.train_x[r], d.train_y[r], d.train_groups[r], m))(data, rows, rows_mask)
+            return solver.lockstep_step(states, SearchBatch(batch, data))
+
+        states, metrics = jax.lax.scan(body, states, (jnp.swapaxes(indices, 0, 1), jnp.swapaxes(mask, 0, 1)))
+        return states, jax.vmap(_epoch_summary, in_axes=1)(metrics)
 
     return jax.jit(run_epoch)
 
@@ -704,6 +894,27 @@ def _arrays(dataset, name: str):
     return x, y, g
 
 
+def phase_config(config: AutoBalanceConfig, *, num_rows: int, epochs: int, batch_size: int,
+                 warmup_epochs: int | None = None, lr_decay_fractions: Sequence[float] | None = None) -> AutoBalanceConfig:
+    """``config`` with its step counts for a phase of ``epochs`` epochs over ``num_rows`` rows in
+    batches of ``batch_size`` (``ceil(num_rows / batch_size)`` steps per epoch): ``warmup_steps``
+    from ``warmup_epochs`` and ``lr_decay_steps`` from ``lr_decay_fractions`` of the phase's
+    steps (:func:`decay_steps`); None keeps the config's value."""
+    if num_rows < 1 or epochs < 1 or batch_size < 1:
+        raise ValueError(f"num_rows, epochs and batch_size must be >= 1, got {num_rows}, {epochs}, {batch_size}")
+    steps = max(1, math.ceil(num_rows / batch_size))
+    changes = {}
+    if warmup_epochs is not None:
+        if not 0 <= warmup_epochs <= epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
+        changes["warmup_steps"] = int(warmup_epochs) * steps
+    if lr_decay_fractions is not None:
+        if any(not 0.0 < f < 1.0 for f in lr_decay_fractions):
+            raise ValueError(f"lr_decay_fractions must lie in (0, 1), got {tuple(lr_decay_fractions)}")
+        changes["lr_decay_steps"] = decay_steps(lr_decay_fractions, epochs * steps)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def search_and_retrain(
     apply_fn: Callable,
     init_params: Callable[[jax.Array], Any],
@@ -714,6 +925,11 @@ def search_and_retrain(
     key: jax.Array,
     num_classes: int,
     num_groups: int = 1,
+    epochs: int,
+    batch_size: int,
+    warmup_epochs: int | None = None,
+    lr_decay_fractions: Sequence[float] | None = None,
+    hyperparams: AutoBalanceHyperparams | None = None,
     retrain_data=None,
     retrain: bool = True,
     progress: Progress | None = None,
@@ -727,17 +943,24 @@ def search_and_retrain(
       apply_fn: ``apply_fn(params, x) -> logits``.
       init_params: ``init_params(key) -> params`` (called once per phase: the retrain phase
         resets the model with a fresh initialisation, Alg. 1 line 11).
-      config: :class:`AutoBalanceConfig` (``epochs`` is used by both phases).
+      config: :class:`AutoBalanceConfig`; its ``warmup_steps`` / ``lr_decay_steps`` are set per
+        phase from ``warmup_epochs`` / ``lr_decay_fractions`` when those are given
+        (:func:`phase_config`).
       search_train, search_val: the split of the training data (objects with ``features``,
         ``labels``, ``groups``, e.g. :class:`fairopt.data.Dataset`).
       key: PRNG key.
       num_classes, num_groups: ``K`` and ``G`` (the counts are taken from ``search_train``).
+      epochs: epochs of each phase. batch_size: rows per lower step.
+      warmup_epochs: search epochs before the first upper step (None: ``config.warmup_steps``).
+      lr_decay_fractions: fractions of each phase's steps where both learning rates decay
+        (official ``(220/300, 260/300)``; None: ``config.lr_decay_steps`` in both phases).
+      hyperparams: the numbers (default ``config.hyperparams()``).
       retrain_data: data of the retrain phase (default: ``search_train ∪ search_val``).
       retrain: False to skip the retrain phase (then ``state`` is the search state).
       progress: optional printer, advanced once per epoch of either phase.
       cache: optional dict in which the solvers and compiled epochs are kept, keyed by
         ``(apply_fn, config, counts, shapes)``: runs with equal keys (e.g. other seeds of the same
-        protocol) reuse the compiled functions instead of compiling again.
+        protocol, or other numbers) reuse the compiled functions instead of compiling again.
       checkpoints: optional :class:`fairopt.train.CheckpointStore` (e.g.
         ``experiments.common.Checkpointer``): each phase continues from its last checkpoint
         (runs ``<run>_search``, a :class:`SearchCheckpoint`, and ``<run>_retrain``) and offers
@@ -749,21 +972,19 @@ def search_and_retrain(
       :class:`AutoBalanceResult`.
 
     Raises:
-      ValueError: bad data or configuration.
+      ValueError: bad data or configuration (labels or group ids out of range included).
       fairopt.train.NonFiniteError: a non-finite loss or state.
     """
     train_x, train_y, train_g = _arrays(search_train, "search_train")
     val_x, val_y, val_g = _arrays(search_val, "search_val")
-    for name, labels in (("search_train", train_y), ("search_val", val_y)):
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"{name} labels must lie in [0, num_classes={num_classes})")
-    for name, groups in (("search_train", train_g), ("search_val", val_g)):
-        if groups.min() < 0 or groups.max() >= num_groups:
-            raise ValueError(f"{name} groups must lie in [0, num_groups={num_groups}); pass num_groups")
+    for name, labels, groups in (("search_train", train_y, train_g), ("search_val", val_y, val_g)):
+        check_labels_and_groups(labels, groups, num_classes=num_classes, num_groups=num_groups, name=name)
     class_counts = np.bincount(train_y, minlength=num_classes)
     cell_counts = np.zeros((num_classes, num_groups), np.int64)
     np.add.at(cell_counts, (train_y, train_g), 1)
-    steps = max(1, math.ceil(train_x.shape[0] / config.batch_size))
+    search_config = phase_config(config, num_rows=train_x.shape[0], epochs=epochs, batch_size=batch_size,
+                                 warmup_epochs=warmup_epochs, lr_decay_fractions=lr_decay_fractions)
+    hyperparams = config.hyperparams() if hyperparams is None else hyperparams
     search_key, retrain_key, init_key_1, init_key_2, epoch_key = jax.random.split(key, 5)
     cache = {} if cache is None else cache
     counts_key = (class_counts.tobytes(), cell_counts.tobytes(), cell_counts.shape)
@@ -771,26 +992,26 @@ def search_and_retrain(
     def build_search():
         solver = autobalance(
             apply_fn,
-            config,
+            search_config,
             class_counts=class_counts,
             cell_counts=cell_counts,
             num_features=train_x.shape[1],
-            steps_per_epoch=steps,
             search=True,
         )
-        return solver, make_search_epoch_fn(solver.step, num_rows=train_x.shape[0], batch_size=config.batch_size)
+        return solver, make_search_epoch_fn(solver.step, num_rows=train_x.shape[0], batch_size=batch_size)
 
-    search_cache_key = ("search", apply_fn, config, counts_key, train_x.shape, val_x.shape)
+    search_cache_key = ("search", apply_fn, tuple(search_config.static_settings().items()), counts_key, train_x.shape, val_x.shape,
+                        batch_size)
     if search_cache_key not in cache:
         cache[search_cache_key] = build_search()
     solver, epoch_fn = cache[search_cache_key]
-    state = solver.init(search_key, init_params(init_key_1))
+    state = solver.init(search_key, init_params(init_key_1), hyperparams)
     data = HyperData(*(jnp.asarray(a) for a in (train_x, train_y, train_g, val_x, val_y, val_g)))
     initial = hparam_snapshot(solver, state.hparams)
     saved = SearchCheckpoint(
         state,
-        {name: np.zeros((config.epochs + 1,) + value.shape, value.dtype) for name, value in initial.items()},
-        {name: np.full(config.epochs, np.nan, np.float32) for name in SEARCH_METRICS},
+        {name: np.zeros((epochs + 1,) + value.shape, value.dtype) for name, value in initial.items()},
+        {name: np.full(epochs, np.nan, np.float32) for name in SEARCH_METRICS},
     )
     for name, value in initial.items():
         saved.trajectory[name][0] = value
@@ -802,7 +1023,7 @@ def search_and_retrain(
     state = saved.state
     trajectory = {name: np.array(value) for name, value in saved.trajectory.items()}  # writable copies
     history = {name: np.array(value) for name, value in saved.history.items()}
-    for epoch in range(done + 1, config.epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         state, metrics = epoch_fn(state, data, jax.random.fold_in(epoch_key, epoch))
         metrics = {k: float(v) for k, v in metrics.items()}
         check_finite({"loss": metrics["loss"]}, what="search loss ", epoch=epoch)
@@ -818,9 +1039,9 @@ def search_and_retrain(
     search_state = state
     trajectory = [
         dict(epoch=epoch, **{name: values[epoch] for name, values in trajectory.items()})
-        for epoch in range(config.epochs + 1)
+        for epoch in range(epochs + 1)
     ]
-    history = [{name: float(values[epoch]) for name, values in history.items()} for epoch in range(config.epochs)]
+    history = [{name: float(values[epoch]) for name, values in history.items()} for epoch in range(epochs)]
     if not retrain:
         return AutoBalanceResult(state, state.hparams, solver, None, trajectory, history, [], search_state)
 
@@ -828,15 +1049,19 @@ def search_and_retrain(
         full = (np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), np.concatenate([train_g, val_g]))
     else:
         full = _arrays(retrain_data, "retrain_data")
-    retrain_cache_key = ("retrain", apply_fn, config, counts_key, full[0].shape)
+    check_labels_and_groups(full[1], full[2], num_classes=num_classes, num_groups=num_groups, name="retrain_data")
+    retrain_config = phase_config(config, num_rows=full[0].shape[0], epochs=epochs, batch_size=batch_size,
+                                  lr_decay_fractions=lr_decay_fractions)
+    retrain_cache_key = ("retrain", apply_fn, tuple(retrain_config.static_settings().items()), counts_key, full[0].shape, batch_size)
     if retrain_cache_key not in cache:
-        retrainer = retrain_solver(apply_fn, solver, num_rows=full[0].shape[0])
+        retrainer = retrain_solver(apply_fn, solver, config=retrain_config)
         cache[retrain_cache_key] = (
             retrainer,
-            make_epoch_fn(retrainer.step, num_rows=full[0].shape[0], batch_size=config.batch_size),
+            make_epoch_fn(retrainer.step, num_rows=full[0].shape[0], batch_size=batch_size),
         )
     retrainer, retrain_epoch_fn = cache[retrain_cache_key]
-    retrain_state = retrainer.init(retrain_key, init_params(init_key_2), hparams=search_state.hparams)
+    retrain_state = retrainer.init(retrain_key, init_params(init_key_2), search_state.hyperparams,
+                                   hparams=search_state.hparams)
     retrain_state, retrain_history = fit_resumable(
         retrainer,
         retrain_state,
@@ -844,9 +1069,9 @@ def search_and_retrain(
         checkpoints=checkpoints,
         run=f"{run}_retrain",
         progress=progress,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        key=jax.random.fold_in(epoch_key, config.epochs + 1),
+        epochs=epochs,
+        batch_size=batch_size,
+        key=jax.random.fold_in(epoch_key, epochs + 1),
         epoch_fn=retrain_epoch_fn,
     )
     return AutoBalanceResult(
@@ -854,25 +1079,22 @@ def search_and_retrain(
     )
 
 
-def retrain_solver(apply_fn: Callable, search: AutoBalanceSolver, *, num_rows: int) -> AutoBalanceSolver:
-    """The retrain phase (Alg. 1 lines 11–12): the searched loss, frozen, on ``num_rows`` rows.
+def retrain_solver(apply_fn: Callable, search: AutoBalanceSolver, *, config: AutoBalanceConfig | None = None,
+                   **optimizers) -> AutoBalanceSolver:
+    """The retrain phase (Alg. 1 lines 11–12): the searched loss, frozen.
 
     The class counts (clusters, priors) are those of the search phase, so the searched raw
-    hyperparameters keep their meaning; only the steps per epoch (the learning-rate schedule)
-    follow the retrain data. Start it with ``init(key, fresh_params, hparams=alpha*)``; its
-    ``step`` consumes a plain :class:`fairopt.train.Batch`, so :func:`fairopt.train.fit` drives it.
-
-    Raises:
-      ValueError: ``num_rows < 1``.
+    hyperparameters keep their meaning. ``config`` (default: the search's) may set other
+    ``lr_decay_steps`` for the retrain data (:func:`phase_config`). Start it with
+    ``init(key, fresh_params, hyperparams, hparams=alpha*)``; its ``step`` consumes a plain
+    :class:`fairopt.train.Batch`, so :func:`fairopt.train.fit` drives it.
     """
-    if num_rows < 1:
-        raise ValueError(f"num_rows (rows of the retrain data) must be >= 1, got {num_rows}")
     return autobalance(
         apply_fn,
-        search.config,
+        search.config if config is None else config,
         class_counts=search.class_counts,
         cell_counts=search.cell_counts,
         num_features=search.num_features,
-        steps_per_epoch=max(1, math.ceil(num_rows / search.config.batch_size)),
         search=False,
+        **optimizers,
     )
