@@ -42,7 +42,8 @@ This module holds what FairALM (:mod:`fairopt.solvers.fairalm`) and its baseline
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +53,96 @@ import optax
 from fairopt import losses
 from fairopt.losses import masked_mean
 from fairopt.solvers.erm import DEFAULT_LEARNING_RATE, as_optimizer_factory, check_batch, check_hyperparams
+from fairopt.sweep import HyperparameterConfig
 from fairopt.train import Batch, Solver, check_group_ids
 
 ATOMS = ("deo", "fpr", "dp", "pp")
 CONSTRAINTS = ("deo", "fpr", "eo", "dp", "pp")
 SURROGATES = ("cross_entropy", "probability")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class FairnessHyperparams(NamedTuple):
+    """The numeric fields of :class:`FairnessConfig` (traced; a sweep over them is one program)."""
+
+    learning_rate: jax.Array
+    eta: jax.Array
+    eta_growth: jax.Array
+    dro_step_size: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FairnessConfig(HyperparameterConfig):
+    """Settings shared by FairALM, its constrained baselines, ERM and group DRO (the one place
+    their defaults are declared; ``experiments.fairalm`` derives its flags from it).
+
+    The fields named in :class:`FairnessHyperparams` are numbers that ``init`` stores in the
+    state (:meth:`constrained_hyperparams`, :meth:`group_dro_hyperparams`,
+    :meth:`erm_hyperparams`), so changing one never recompiles; the others are static.
+
+    Attributes:
+      constraint: the fairness constraint(s): deo, fpr, eo, dp or pp, several joined by a comma or +.
+      surrogate: smooth surrogate of the group rates: cross_entropy (official) or probability.
+      positive_class: the class whose group rates are equalised.
+      inner_steps: FairALM primal steps per batch (official: 5).
+      optimizer: primal optimiser, adam or sgd (official FairALM: sgd with learning rate 0.01).
+      learning_rate: primal learning rate.
+      eta: dual step / augmentation weight eta of FairALM, penalty weight of l2_penalty and ascent
+        step of lagrangian (official FairALM: 20 on CelebA images).
+      eta_growth: per-epoch growth of eta (official 1.01, and 1.0 keeps it constant).
+      dro_step_size: group DRO step size of the cell weights.
+    """
+
+    Hyperparams: ClassVar[type] = FairnessHyperparams
+    CHOICES: ClassVar[dict] = {"surrogate": SURROGATES, "optimizer": OPTIMIZERS}
+
+    constraint: str = "deo"
+    surrogate: str = "cross_entropy"
+    positive_class: int = 1
+    inner_steps: int = 5
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    eta: float = 0.1
+    eta_growth: float = 1.01
+    dro_step_size: float = 0.01
+
+    def __post_init__(self):
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"FairnessConfig.{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        constraint_atoms(self.constraints)
+        for name in self.hyperparameter_names():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+                raise ValueError(f"FairnessConfig.{name} must be a finite number, got {value!r}")
+        for name in ("learning_rate", "eta_growth", "dro_step_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FairnessConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.eta < 0:
+            raise ValueError(f"FairnessConfig.eta must be >= 0, got {self.eta}")
+        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, (int, np.integer)) or self.inner_steps < 1:
+            raise ValueError(f"FairnessConfig.inner_steps must be an integer >= 1 (official FairALM: 5), got {self.inner_steps!r}")
+        if isinstance(self.positive_class, bool) or not isinstance(self.positive_class, (int, np.integer)) or self.positive_class < 0:
+            raise ValueError(f"FairnessConfig.positive_class must be a class index >= 0, got {self.positive_class!r}")
+
+    @property
+    def constraints(self) -> tuple[str, ...]:
+        """``constraint`` split at commas and ``+``."""
+        return tuple(name.strip() for name in self.constraint.replace("+", ",").split(",") if name.strip())
+
+    def optimizer_factory(self):
+        """``optax.adam`` or ``optax.sgd``: a factory, so the learning rate stays traced."""
+        return optax.adam if self.optimizer == "adam" else optax.sgd
+
+    @staticmethod
+    def constrained_hyperparams(h: FairnessHyperparams) -> "ConstrainedHyperparams":
+        """The :class:`ConstrainedHyperparams` of FairALM / Lagrangian / penalty (any leading axes)."""
+        return ConstrainedHyperparams(h.learning_rate, h.eta, h.eta_growth)
+
+    @staticmethod
+    def group_dro_hyperparams(h: FairnessHyperparams) -> "GroupDROHyperparams":
+        """The :class:`GroupDROHyperparams` of group DRO (no generalisation adjustment)."""
+        return GroupDROHyperparams(h.learning_rate, h.dro_step_size, jnp.zeros_like(h.dro_step_size))
 
 
 def constraint_atoms(constraints: str | Sequence[str]) -> tuple[str, ...]:
