@@ -104,6 +104,8 @@ flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir
 
 _OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
 
+EVALUATED = ("accuracy", "balanced_accuracy", "deo_gap", "dp_gap", "eo_gap", "pp_gap")  # and fnr_<group>
+
 # Compiled vmapped epochs, one per (method, static settings, shapes): a sweep test reads their
 # ``_cache_size()`` to check that a whole grid compiled once.
 EPOCH_FNS: dict = {}
@@ -169,16 +171,19 @@ def setup(argv):
         for method in methods:  # every setting of the grid is valid (ValueError naming the field)
             for setting in method_settings(method, grid):
                 dataclasses.replace(config, **setting)
-        if FLAGS.select:
-            common.metric_direction(FLAGS.select)
-            if not common.metric_direction(FLAGS.select)[0].startswith("val_"):
-                raise ValueError(f"--select={FLAGS.select}: choose with a validation metric (val_...), never a test one")
         stem = f"fairalm_{FLAGS.dataset}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
         try:  # the data are there and readable (parsed once: the CSV is cached for the runs)
             dataset = common.FAIRNESS_LOADERS[FLAGS.dataset]()
         except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
             raise ValueError(f"--dataset={FLAGS.dataset}: {error}") from None
+        if FLAGS.select:
+            metric, _ = common.metric_direction(FLAGS.select)
+            known = [f"val_{name}" for name in EVALUATED] + [f"val_fnr_{name}" for name in dataset.group_names]
+            if not metric.startswith("val_"):
+                raise ValueError(f"--select={FLAGS.select}: choose with a validation metric (val_...), never a test one")
+            if metric not in known:
+                raise ValueError(f"--select: no metric {metric!r}; validation metrics: {', '.join(known)}")
         if config.positive_class >= dataset.num_classes:
             raise ValueError(f"--positive_class={config.positive_class} but {FLAGS.dataset} has {dataset.num_classes} classes")
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
@@ -236,7 +241,7 @@ def evaluate_split(solver, state, split: data.Dataset) -> dict[str, float]:
         num_groups=split.num_groups,
         reduce="between_groups",
     )
-    row = {k: report[k] for k in ("accuracy", "balanced_accuracy", "deo_gap", "dp_gap", "eo_gap", "pp_gap")}
+    row = {k: report[k] for k in EVALUATED}
     fnr, present = constrained.hard_group_rates(
         probs.argmax(axis=1), split.labels, split.groups, atoms=("deo",), num_groups=split.num_groups
     )
