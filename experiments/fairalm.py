@@ -332,6 +332,9 @@ def run_method(method: str, settings: list[dict], seed_data: SeedData, checkpoin
                 progress.update(progress.done + FLAGS.epochs * len(part))
                 continue
             start_time = time.perf_counter()
+            real = len(part)
+            if len(runs) > chunk:  # the last chunk is padded with copies of its last run: one program for all chunks
+                part = part + [part[-1]] * (chunk - len(part))
             part_seeds = [seeds[s] for _, s in part]
             params = sweep.stack([models.make_model(FLAGS.model, seed_data.num_classes, seed_data.num_features,
                                                     jax.random.key(seed))[0] for seed in part_seeds])
@@ -339,7 +342,7 @@ def run_method(method: str, settings: list[dict], seed_data: SeedData, checkpoin
             init_keys = jnp.stack([jax.random.key_data(jax.random.key(seed + 1)) for seed in part_seeds])
             state = jax.vmap(lambda k, p, h: solver.init(jax.random.wrap_key_data(k), p, h))(init_keys, params, hyperparams)
             done, state = checkpoints.restore(name, state)
-            progress.update(progress.done + done * len(part))
+            progress.update(progress.done + done * real)
             seed_index = jnp.asarray([s for _, s in part], jnp.int32)
             shuffle_keys = [jax.random.key(seed + 2) for seed in part_seeds]
             for epoch in range(done + 1, FLAGS.epochs + 1):
@@ -354,8 +357,9 @@ def run_method(method: str, settings: list[dict], seed_data: SeedData, checkpoin
                     labels = sorted({common.setting_label(settings[c]) or "default" for c, _ in part})
                     raise NonFiniteError(f"run {name} ({method}, settings {', '.join(labels)}): {error}") from None
                 checkpoints.save(name, epoch, state)
-                progress.advance({k: float(np.mean(v)) for k, v in epoch_metrics.items()})
-            seconds = (time.perf_counter() - start_time) / len(part)
+                progress.update(progress.done + real, {k: float(np.mean(v)) for k, v in epoch_metrics.items()})
+            seconds = (time.perf_counter() - start_time) / real
+            part = part[:real]
             chunk_rows = []
             for index, (c, s) in enumerate(part):
                 run_state = sweep.take(state, index)
@@ -423,6 +427,8 @@ def train_all(checkpoints, seeds, methods, grid, eta_grid):
         etas.update(chosen)
         print(f"chosen eta per method (validation, seed {seeds[0]}): {chosen}", file=sys.stderr, flush=True)
         rows = [r for r in rows if r["method"] in methods and (r["method"] not in tuned or r["eta"] == etas[r["method"]])]
+    order = {method: index for index, method in enumerate(trained)}
+    rows.sort(key=lambda r: (seeds.index(r["seed"]), order[r["method"]]))  # per seed, as before sweeps (stable)
     return rows, etas, grid_rows, time.perf_counter() - start_all
 
 

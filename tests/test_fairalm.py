@@ -522,7 +522,7 @@ def _run_experiment(tmp_path, *flags):
 def test_experiment_eta_grid_of_8_values_times_3_seeds_is_one_compiled_program(tmp_path):
     etas = "0.001,0.003,0.01,0.03,0.1,0.3,1,3"
     completed = _run_experiment(tmp_path, "--methods=reweighting,fairalm", "--seeds=0,1,2", f"--grid=eta={etas}",
-                                "--grid_chunk=0", "--select=val_deo_gap", "--inner_steps=1")
+                                "--grid_chunk=10", "--select=val_deo_gap", "--inner_steps=1")
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((tmp_path / "fairalm_german.json").read_text())
     runs = results["runs"]
@@ -531,7 +531,9 @@ def test_experiment_eta_grid_of_8_values_times_3_seeds_is_one_compiled_program(t
     assert sorted({r["eta"] for r in fairalm_runs}) == sorted(float(v) for v in etas.split(","))
     assert {"setting", "val_deo_gap", "val_accuracy", "deo_gap"} <= set(fairalm_runs[0])
     compiled = results["config"]["compiled_epochs"]
-    assert sorted(compiled.values()) == [1, 1], compiled  # one program per method for the whole grid
+    # one program per method for the whole grid: chunks of 10, 10 and 4 runs (padded to 10)
+    assert sorted(compiled.values()) == [1, 1], compiled
+    assert [(r["seed"], r["eta"]) for r in fairalm_runs] == [(s, float(e)) for s in (0, 1, 2) for e in etas.split(",")]
     assert [s["method"] for s in results["config"]["selected"]] == ["reweighting", "fairalm"]
     labels = [row["label"] for row in results["summary"]]
     assert "fairalm (selected on val_deo_gap)" in labels and "fairalm [eta=0.3]" in labels
