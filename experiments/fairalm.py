@@ -89,6 +89,8 @@ flags.DEFINE_enum("dataset", "adult", DATASETS, "Dataset (protected attribute: s
 flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Methods, comma-separated, any of: {', '.join(METHODS)}.")
 CONFIG_FLAGS = common.define_config_flags(FairnessConfig)
 SWEEP_FLAGS = common.define_sweep_flags()
+for _name in CONFIG_FLAGS + SWEEP_FLAGS:  # defined in experiments.common: list them in this module's --helpshort
+    flags.declare_key_flag(_name)
 flags.DEFINE_list("eta_grid", [], "If set: --grid=eta=... for l2_penalty, lagrangian and fairalm, each method's eta chosen "
                   "on the first seed's validation split (see the module docstring).")
 flags.DEFINE_float("max_accuracy_drop", 0.02, "Validation accuracy an eta may lose vs unconstrained (with --eta_grid).",
