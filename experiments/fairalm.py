@@ -24,7 +24,9 @@ times ``--seeds``, runs as one ``jax.vmap``-ped program per method (numbers such
 ``--grid_chunk`` runs. A grid only multiplies the methods it concerns (``eta`` does not change
 ``unconstrained``). ``--select=METRIC`` (a validation metric such as ``val_deo_gap``) picks one
 setting per method on the validation split and adds its test numbers as a row
-``"<method> (selected on METRIC)"``.
+``"<method> (selected on METRIC)"``. In a sweep, a run whose state or loss stops being finite is
+recorded with ``diverged=1`` and no metrics while the other runs of its program go on (a
+single setting stops with a ``FATAL`` message, as before).
 
 ``--eta_grid=v1,...`` is ``--grid=eta=v1,...`` for ``l2_penalty``, ``lagrangian`` and
 ``fairalm`` with the selection rule of docs/results_fairalm.md: per method, on the *validation*
@@ -279,6 +281,18 @@ def sweep_epoch_fn(step, *, num_rows: int, batch_size: int):
     return jax.jit(jax.vmap(run_epoch, in_axes=(0, 0, 0, None, None, None, None)))
 
 
+def finite_runs(tree, num_runs: int) -> np.ndarray:
+    """``[R]`` bool: the runs (leading axis) whose every floating-point leaf of ``tree`` is finite."""
+    ok = np.ones(num_runs, bool)
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            continue
+        array = np.asarray(leaf)
+        if np.issubdtype(array.dtype, np.inexact) and array.ndim >= 1 and array.shape[0] == num_runs:
+            ok &= np.isfinite(array.reshape(num_runs, -1)).all(axis=1)
+    return ok
+
+
 def _pad(array: np.ndarray, rows: int) -> np.ndarray:
     padding = rows - array.shape[0]
     return np.concatenate([array, np.zeros((padding,) + array.shape[1:], array.dtype)]) if padding else array
@@ -305,6 +319,8 @@ def run_method(method: str, settings: list[dict], seed_data: SeedData, checkpoin
     settings, chunks of ``--grid_chunk`` runs. Returns the result rows in (setting, seed) order."""
     base = base_config()
     configs = [dataclasses.replace(base, **setting) for setting in settings]
+    # In a sweep a diverging run is recorded (diverged=1) and the others go on; a single setting stops.
+    swept = len(settings) > 1
     seeds = seed_data.seeds
     rows_by_run: dict[tuple[int, int], dict] = {}
     static_groups = sweep.group_by_static(configs)
@@ -345,6 +361,7 @@ def run_method(method: str, settings: list[dict], seed_data: SeedData, checkpoin
             state = jax.vmap(lambda k, p, h: solver.init(jax.random.wrap_key_data(k), p, h))(init_keys, params, hyperparams)
             done, state = checkpoints.restore(name, state)
             progress.update(progress.done + done * real)
+            reported = ~finite_runs(state, len(part))  # runs that diverged before an interruption
             seed_index = jnp.asarray([s for _, s in part], jnp.int32)
             shuffle_keys = [jax.random.key(seed + 2) for seed in part_seeds]
             for epoch in range(done + 1, FLAGS.epochs + 1):
@@ -352,14 +369,23 @@ def run_method(method: str, settings: list[dict], seed_data: SeedData, checkpoin
                 state, epoch_metrics = epoch_fn(state, seed_index, jax.random.wrap_key_data(keys), seed_data.xs,
                                                 seed_data.ys, seed_data.gs, seed_data.valid)
                 epoch_metrics = {k: np.asarray(v) for k, v in epoch_metrics.items()}
-                try:
-                    check_finite(epoch_metrics, what="training metric ", epoch=epoch)
-                    check_finite(state, what="solver state ", epoch=epoch)
-                except NonFiniteError as error:
-                    labels = sorted({common.setting_label(settings[c]) or "default" for c, _ in part})
-                    raise NonFiniteError(f"run {name} ({method}, settings {', '.join(labels)}): {error}") from None
+                diverged = ~(finite_runs(epoch_metrics, len(part)) & finite_runs(state, len(part)))
+                if diverged[:real].any() and not swept:
+                    try:
+                        check_finite(epoch_metrics, what="training metric ", epoch=epoch)
+                        check_finite(state, what="solver state ", epoch=epoch)
+                    except NonFiniteError as error:
+                        raise NonFiniteError(f"run {name} ({method}, settings default): {error}") from None
+                for index in np.flatnonzero(diverged[:real] & ~reported[:real]):
+                    c, s = part[index]
+                    print(f"[diverged {method} {common.setting_label(settings[c])} seed={seeds[s]}] non-finite at "
+                          f"epoch {epoch}; recorded with diverged=1 and no metrics (the other runs go on)",
+                          file=sys.stderr, flush=True)
+                reported |= diverged
                 checkpoints.save(name, epoch, state)
-                progress.update(progress.done + real, {k: float(np.mean(v)) for k, v in epoch_metrics.items()})
+                finite_metrics = {k: float(np.mean(v[~diverged])) for k, v in epoch_metrics.items()} if (~diverged).any() else {}
+                progress.update(progress.done + real, finite_metrics)
+            diverged = ~finite_runs(state, len(part))
             seconds = (time.perf_counter() - start_time) / real
             part = part[:real]
             chunk_rows = []
@@ -369,8 +395,15 @@ def run_method(method: str, settings: list[dict], seed_data: SeedData, checkpoin
                 row = dict(method=method, seed=seeds[s], setting=common.setting_label(settings[c]),
                            eta=configs[c].eta if method in ETA_METHODS else float("nan"))
                 row.update({k: v for k, v in settings[c].items() if k != "eta"})
-                row.update({f"val_{k}": v for k, v in evaluate_split(solver, run_state, splits.val).items()})
-                row.update(evaluate_split(solver, run_state, splits.test))
+                if diverged[index] or reported[index]:
+                    names = list(EVALUATED) + [f"fnr_{g}" for g in splits.test.group_names]
+                    row.update({f"val_{k}": float("nan") for k in names})
+                    row.update({k: float("nan") for k in names})
+                else:
+                    row.update({f"val_{k}": v for k, v in evaluate_split(solver, run_state, splits.val).items()})
+                    row.update(evaluate_split(solver, run_state, splits.test))
+                if swept:
+                    row["diverged"] = int(diverged[index] or reported[index])
                 row["seconds"] = seconds
                 chunk_rows.append(row)
                 rows_by_run[(c, s)] = row
@@ -389,10 +422,15 @@ def select_eta(rows, seed: int, methods) -> tuple[dict, list[dict]]:
     reference = next(r for r in rows if r["method"] == "unconstrained" and r["seed"] == seed)
     grid_rows = [val_row(reference)]
     choices = {}
+    if reference.get("diverged"):
+        raise NonFiniteError(f"the unconstrained reference of --eta_grid diverged on seed {seed}")
     for method in methods:
         candidates = [r for r in rows if r["method"] == method and r["seed"] == seed]
         for r in candidates:
             grid_rows.append(val_row(r))
+        candidates = [r for r in candidates if not r.get("diverged")]
+        if not candidates:
+            raise NonFiniteError(f"every --eta_grid value of {method} diverged on seed {seed}; lower the learning rate")
             print(f"[eta-grid {method} eta={r['eta']:g}] val accuracy={r['val_accuracy']:.4f} deo={r['val_deo_gap']:.4f}",
                   file=sys.stderr, flush=True)
         admissible = [r for r in candidates if r["val_accuracy"] >= reference["val_accuracy"] - FLAGS.max_accuracy_drop]
@@ -461,11 +499,14 @@ def write(rows, etas, grid_rows, total_seconds, seeds, methods, grid, eta_grid, 
             selected.append(dict(method=method, setting=setting, metric=metric, validation_mean=value))
             table_rows += [dict(r, label=label) for r in rows if r["method"] == method and r["setting"] == setting]
             print(f"[select {method}] {setting or 'default'}: mean {metric}={value:.4f} (validation)", file=sys.stderr)
+    if swept and any(row.get("diverged") for row in rows):
+        columns.insert(-1, "diverged")  # the fraction of a setting's seeds that diverged (excluded from the means)
     summary = common.summarize(table_rows, by="label", columns=["val_accuracy", "val_deo_gap", *columns])
     shown = (["val_accuracy", "val_deo_gap"] if swept else []) + columns
     lines = [
         f"# FairALM baselines on {FLAGS.dataset} (constraint {FLAGS.constraint}; "
         f"{len(seeds)} seeds: {', '.join(map(str, seeds))})\n",
+        f"{'flags (the grid overrides them): ' if swept else ''}"
         f"eta per method: {', '.join(f'{m}={etas[m]:g}' for m in methods if m in ETA_METHODS) or 'n/a'}; "
         f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, {FLAGS.optimizer} lr {FLAGS.learning_rate:g}, "
         f"FairALM inner steps {FLAGS.inner_steps}; wall time of this process {total_seconds:.0f} s\n",
