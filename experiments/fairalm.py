@@ -428,11 +428,11 @@ def select_eta(rows, seed: int, methods) -> tuple[dict, list[dict]]:
         candidates = [r for r in rows if r["method"] == method and r["seed"] == seed]
         for r in candidates:
             grid_rows.append(val_row(r))
+            print(f"[eta-grid {method} eta={r['eta']:g}] val accuracy={r['val_accuracy']:.4f} deo={r['val_deo_gap']:.4f}",
+                  file=sys.stderr, flush=True)
         candidates = [r for r in candidates if not r.get("diverged")]
         if not candidates:
             raise NonFiniteError(f"every --eta_grid value of {method} diverged on seed {seed}; lower the learning rate")
-            print(f"[eta-grid {method} eta={r['eta']:g}] val accuracy={r['val_accuracy']:.4f} deo={r['val_deo_gap']:.4f}",
-                  file=sys.stderr, flush=True)
         admissible = [r for r in candidates if r["val_accuracy"] >= reference["val_accuracy"] - FLAGS.max_accuracy_drop]
         pool = admissible or [max(candidates, key=lambda r: r["val_accuracy"])]
         choices[method] = min(pool, key=lambda r: r["val_deo_gap"])["eta"]
