@@ -60,7 +60,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fairopt.solvers.constrained import (
     ConstrainedHyperparams,
