@@ -101,13 +101,13 @@ def run_fairopt(method, splits, seed, eta, epoch_fns):
     train = splits.train
     params, apply_fn = models.make_model("linear", train.num_classes, train.num_features, jax.random.key(seed))
     steps_per_epoch = -(-len(train) // FLAGS.batch_size)
-    optimizer = optax.adam(FLAGS.learning_rate)
+    # optax.adam as a factory: the learning rate (and FairALM's eta) are hyperparameters in the state.
     if method == "fairopt_linear_erm":
-        solver = erm(apply_fn, losses.make_loss("ce", train.class_counts), optimizer)
+        solver = erm(apply_fn, losses.make_loss("ce", train.class_counts), optax.adam, learning_rate=FLAGS.learning_rate)
     else:
         solver = fairalm(
-            apply_fn, optimizer, num_groups=train.num_groups, eta=eta, inner_steps=FLAGS.inner_steps,
-            steps_per_epoch=steps_per_epoch,
+            apply_fn, optax.adam, num_groups=train.num_groups, eta=eta, inner_steps=FLAGS.inner_steps,
+            steps_per_epoch=steps_per_epoch, learning_rate=FLAGS.learning_rate,
         )
     warmup_seconds = 0.0
     if method not in epoch_fns:
@@ -138,12 +138,21 @@ def experiment_rows(dataset: str, seeds) -> tuple[list[dict], float | None]:
     if not path.exists():
         return [], None
     payload = json.loads(path.read_text())
-    eta = payload.get("config", {}).get("eta_per_method", {}).get("fairalm")
+    config = payload.get("config", {})
+    eta = config.get("eta_per_method", {}).get("fairalm")
+    # A --grid run has a row per setting: keep the --select-ed setting of a method if there is one.
+    selected = {s["method"]: s["setting"] for s in config.get("selected", [])}
     rows = []
     for run in payload.get("runs", []):
+        setting = run.get("setting") or ""
+        if run["method"] in selected and setting != selected[run["method"]]:
+            continue
         if run["method"] in ("unconstrained", "fairalm") and run["seed"] in seeds:
-            rows.append(dict(method=f"fairopt_mlp_{run['method']} (experiment)", seed=run["seed"],
+            label = f" [{setting}]" if setting and run["method"] not in selected else ""
+            rows.append(dict(method=f"fairopt_mlp_{run['method']}{label} (experiment)", seed=run["seed"],
                              accuracy=run["accuracy"], deo_gap=run["deo_gap"], seconds=run["seconds"]))
+            if run["method"] == "fairalm" and run["method"] in selected:
+                eta = run["eta"]
     return rows, eta
 
 

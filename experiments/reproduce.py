@@ -25,10 +25,13 @@ Suites (each runs the experiments of one issue, then builds its tables and figur
   {0.1, 0.3, 0.5, 0.7, 0.9} (lambda = 0: the table's CE row); the AutoBalance points are one
   ``--grid=lambda_val=...`` run (one compiled program per phase).
 * ``fairalm_celeba`` / ``fairalm_adult`` — ``experiments.fairalm`` with the eta grid of
-  docs/results_fairalm.md (3 seeds), then training profiles (test DEO and error after every
-  epoch) of unconstrained, l2 penalty, Lagrangian and FairALM with the chosen eta, computed by
-  ``experiments.reproduce_worker`` with the entry point's solvers (``make_solver``) and
-  evaluation through ``fairopt.train.fit``'s ``on_epoch_end``.
+  docs/results_fairalm.md (3 seeds; ``--eta_grid`` is a ``--grid=eta=...`` sweep: every
+  (eta, seed) run of a method is one compiled, vmapped program, and eta is chosen on the first
+  seed's validation split), then training profiles (test DEO and error after every epoch) of
+  unconstrained, l2 penalty, Lagrangian and FairALM with the chosen eta, computed by
+  ``experiments.reproduce_worker`` with the entry point's solvers (``make_solver``, eta a
+  traced hyperparameter: one program per method) and evaluation through
+  ``fairopt.train.fit``'s ``on_epoch_end``.
 
 Outputs: raw results under ``<output_dir>/<suite>/<step>/`` (one folder per experiment command,
 with its log and ``reproduce_step.json``), tables (CSV + Markdown) under

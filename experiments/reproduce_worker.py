@@ -16,6 +16,7 @@ written atomically at the end. Not meant to be run by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -100,12 +101,14 @@ def fairalm_profile(args: dict) -> pd.DataFrame:
             eta = args["etas"].get(method)
             params, apply_fn = models.make_model(flags.model, train.num_classes, train.num_features, jax.random.key(seed))
             steps = -(-len(train) // flags.batch_size)
-            solver = entry.make_solver(method, apply_fn, train, eta=eta, steps_per_epoch=steps)
-            key = (method, eta)
-            if key not in epoch_fns:  # as entry.Runner: compile once per (method, eta)
+            config = entry.base_config() if eta is None else dataclasses.replace(entry.base_config(), eta=eta)
+            solver = entry.make_solver(method, apply_fn, num_classes=train.num_classes, num_groups=train.num_groups,
+                                       config=config, steps_per_epoch=steps)
+            key = (method, len(train))
+            if key not in epoch_fns:  # eta is a traced hyperparameter: one program per method and shape
                 epoch_fns[key] = (solver, make_epoch_fn(solver.step, num_rows=len(train), batch_size=flags.batch_size))
             solver, epoch_fn = epoch_fns[key]
-            state = solver.init(jax.random.key(seed + 1), params)
+            state = solver.init(jax.random.key(seed + 1), params, entry.method_hyperparams(method, config, train))
             base = dict(method=method, seed=seed, eta=float("nan") if eta is None else eta)
             rows.append(dict(base, epoch=0, **entry.evaluate_split(solver, state, splits.test)))
 

@@ -36,11 +36,37 @@ class Batch(NamedTuple):
 
 
 class Solver(NamedTuple):
-    """Pure functions of a training method (see module docstring)."""
+    """Pure functions of a training method (see module docstring).
+
+    ``check_data(x, y, groups)`` (optional) validates training arrays on the host, before any
+    tracing — what a compiled step cannot do on values (e.g. group ids outside
+    ``[0, num_groups)``, which a one-hot would silently drop); :func:`fit` calls it.
+    """
 
     init: Callable[..., PyTree]
     step: Callable[[PyTree, Any], tuple[PyTree, dict]]
     predict: Callable[[PyTree, jax.Array], jax.Array]
+    check_data: Callable[..., None] | None = None
+
+
+def check_group_ids(groups, num_groups: int, *, what: str = "groups") -> None:
+    """Raise a ValueError if an id of ``groups`` lies outside ``[0, num_groups)`` (host-side).
+
+    A jitted step cannot raise on values, and ``jax.nn.one_hot`` maps an out-of-range id to a
+    zero row: a group the solver was not built for would silently leave the constraint.
+    """
+    groups = np.asarray(groups)
+    if groups.size == 0:
+        return
+    if not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"{what} must hold integer group ids, got dtype {groups.dtype}")
+    low, high = int(groups.min()), int(groups.max())
+    if low < 0 or high >= num_groups:
+        bad = sorted(set(np.unique(groups[(groups < 0) | (groups >= num_groups)]).tolist()))[:10]
+        raise ValueError(
+            f"{what} has ids {bad} outside [0, num_groups={num_groups}); build the solver with "
+            f"num_groups={max(high + 1, num_groups)} (e.g. Dataset.num_groups) or remap the group ids"
+        )
 
 
 class NonFiniteError(FloatingPointError):
@@ -177,6 +203,8 @@ def fit(
       The final state and the per-epoch metrics (floats).
 
     Raises:
+      ValueError: if ``solver.check_data`` rejects the arrays (e.g. group ids outside
+        ``[0, num_groups)`` of a constrained solver), before any training.
       NonFiniteError: if the epoch metrics or the state stop being finite (checked after every
         epoch, before ``on_epoch_end``, so a checkpoint saved there is always finite).
     """
@@ -184,6 +212,8 @@ def fit(
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(solver, "check_data", None) is not None:
+        solver.check_data(x, y, groups)
     x, y, groups = jnp.asarray(x), jnp.asarray(y), jnp.asarray(groups)
     if epoch_fn is None:
         epoch_fn = make_epoch_fn(solver.step, num_rows=int(x.shape[0]), batch_size=batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from fairopt import losses, metrics, models
+from fairopt import losses, metrics, models, sweep
 from fairopt.solvers import constrained
-from fairopt.solvers.erm import erm
+from fairopt.solvers.erm import ERMHyperparams, erm, erm_hyperparams
 from fairopt.solvers.fairalm import (
     augmentation_term,
+    constrained_hyperparams,
     fairalm,
     fairalm_finite,
     fairalm_objective,
@@ -360,7 +362,7 @@ def test_constraint_atoms_expand_and_deduplicate():
 
 
 @pytest.mark.parametrize(
-    "flag, allowed", [("--method=fairalm,bogus", "unconstrained"), ("--dataset=mnist", "celeba_attributes")]
+    "flag, allowed", [("--methods=fairalm,bogus", "unconstrained"), ("--dataset=mnist", "celeba_attributes")]
 )
 def test_experiment_rejects_bad_flags_listing_the_allowed_values(flag, allowed, tmp_path):
     completed = subprocess.run(
@@ -373,3 +375,170 @@ def test_experiment_rejects_bad_flags_listing_the_allowed_values(flag, allowed, 
     assert completed.returncode != 0
     assert allowed in completed.stderr
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters as data: numbers in the state, one program per static setting
+# ---------------------------------------------------------------------------------------------
+
+
+def _differ(a, b):
+    return any(not np.allclose(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _tiny_batches(num_groups=2, n=32, seed=3):
+    x, y, g = _synthetic(n * 2, seed, num_groups)
+    return [Batch(jnp.asarray(x[i : i + n]), jnp.asarray(y[i : i + n]), jnp.asarray(g[i : i + n]), jnp.ones(n, bool))
+            for i in (0, n)]
+
+
+def test_fairalm_eta_is_traced_vmap_over_etas_matches_separate_runs_and_compiles_once():
+    params, apply_fn = models.make_model("linear", 2, 3, jax.random.key(0))
+    solver = fairalm(apply_fn, optax.sgd, eta_growth=1.0, inner_steps=1, learning_rate=0.1)
+    batches = _tiny_batches()
+    etas = (0.05, 0.8)
+    step = jax.jit(solver.step)
+    separate = []
+    for eta in etas:  # a changed eta reuses the compiled step
+        state = solver.init(None, params, constrained_hyperparams(learning_rate=0.1, eta=eta, eta_growth=1.0))
+        for batch in batches:
+            state, _ = step(state, batch)
+        separate.append(state)
+    assert step._cache_size() == 1
+    hyperparams = sweep.stack([constrained_hyperparams(learning_rate=0.1, eta=eta, eta_growth=1.0) for eta in etas])
+    states = jax.vmap(lambda h: solver.init(None, params, h))(hyperparams)
+    vstep = jax.jit(jax.vmap(solver.step, in_axes=(0, None)))
+    for batch in batches:
+        states, _ = vstep(states, batch)
+    for index, state in enumerate(separate):
+        np.testing.assert_allclose(states.multipliers[index], state.multipliers, rtol=1e-5, atol=1e-7)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                               sweep.take(states.params, index), state.params)
+    assert not np.allclose(states.multipliers[0], states.multipliers[1])
+
+
+def test_every_constrained_solver_and_erm_vmaps_over_hyperparams():
+    params, apply_fn = models.make_model("linear", 2, 3, jax.random.key(0))
+    batch = _tiny_batches(num_groups=3)[0]
+    # (l2 penalty and Lagrangian share FairALM's builder, vmapped in the test above)
+    cases = {
+        "group_dro": (constrained.group_dro(apply_fn, optax.sgd, num_classes=2, num_groups=3),
+                      [constrained.group_dro_hyperparams(0.1, 0.01), constrained.group_dro_hyperparams(0.1, 1.0)]),
+        "erm": (erm(apply_fn, lambda logits, y, g, e: losses.cross_entropy(logits, y), optax.sgd),
+                [erm_hyperparams(0.1, np.ones(2)), erm_hyperparams(0.1, np.array([0.2, 1.8]))]),
+    }
+    for name, (solver, settings) in cases.items():
+        states = jax.vmap(lambda h: solver.init(None, params, h))(sweep.stack(settings))
+        states, out = jax.jit(jax.vmap(solver.step, in_axes=(0, None)))(states, batch)
+        assert _tree_finite(states), name
+        assert _differ(*(sweep.take(states.params, i) for i in (0, 1))), name
+
+
+def test_erm_and_balanced_erm_share_one_program_and_match_weighted_ce():
+    x, y, g = _synthetic(64, 4)
+    counts = np.bincount(y, minlength=2)
+    params, apply_fn = models.make_model("linear", 2, 3, jax.random.key(0))
+    batch = Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(g), jnp.ones(64, bool))
+    solver = erm(apply_fn, lambda logits, labels, groups, epoch: losses.cross_entropy(logits, labels), optax.sgd)
+    step = jax.jit(solver.step)
+    balanced = losses.inverse_frequency_weights(counts)
+    plain_state, _ = step(solver.init(None, params, erm_hyperparams(0.5, np.ones(2))), batch)
+    balanced_state, _ = step(solver.init(None, params, erm_hyperparams(0.5, balanced)), batch)
+    assert step._cache_size() == 1
+    reference = erm(apply_fn, losses.make_loss("weighted_ce", counts), optax.sgd(0.5))
+    reference_state, _ = jax.jit(reference.step)(reference.init(None, params), batch)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           balanced_state.params, reference_state.params)
+    assert _differ(plain_state.params, balanced_state.params)
+
+
+def test_finite_game_vmaps_over_eta():
+    errors = jnp.array([0.1, 0.2, 0.3])
+    rates = jnp.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
+    play = jax.vmap(lambda eta: fairalm_finite(errors, rates, eta=eta, num_rounds=20).average_play)(jnp.array([0.1, 5.0]))
+    for index, eta in enumerate((0.1, 5.0)):
+        np.testing.assert_allclose(play[index], fairalm_finite(errors, rates, eta=eta, num_rounds=20).average_play)
+
+
+def test_step_input_type_is_checked_with_a_message_naming_batch():
+    params, apply_fn = models.make_model("linear", 2, 3, jax.random.key(0))
+    batch = _tiny_batches()[0]
+    solvers = {
+        "FairALM": fairalm(apply_fn, optax.sgd(0.1)),
+        "Lagrangian": constrained.lagrangian(apply_fn, optax.sgd(0.1)),
+        "group DRO": constrained.group_dro(apply_fn, optax.sgd(0.1), num_classes=2, num_groups=2),
+        "ERM": erm(apply_fn, lambda logits, y, g, e: losses.cross_entropy(logits, y), optax.sgd(0.1)),
+    }
+    for name, solver in solvers.items():
+        state = solver.init(None, params)
+        for bad in ((batch.x, batch.y), tuple(batch), {"x": batch.x}):
+            with pytest.raises(TypeError, match=rf"the {name} step takes a fairopt.train.Batch"):
+                jax.jit(solver.step)(state, bad)
+        with pytest.raises(ValueError, match="Batch.groups must have shape"):
+            solver.step(state, batch._replace(groups=batch.groups[:3]))
+    with pytest.raises(TypeError, match="hyperparams must be a ConstrainedHyperparams"):
+        solvers["FairALM"].init(None, params, erm_hyperparams())
+
+
+def test_group_ids_outside_num_groups_are_an_error_before_training():
+    x, y, g = _synthetic(60, 0, num_groups=3)
+    assert g.max() == 2
+    params, apply_fn = models.make_model("linear", 2, 3, jax.random.key(0))
+    for solver in (fairalm(apply_fn, optax.sgd(0.1), num_groups=2),
+                   constrained.penalty(apply_fn, optax.sgd(0.1), num_groups=2),
+                   constrained.group_dro(apply_fn, optax.sgd(0.1), num_classes=2, num_groups=2)):
+        with pytest.raises(ValueError, match=r"ids \[2\] outside \[0, num_groups=2\).*num_groups=3"):
+            fit(solver, solver.init(None, params), x, y, g, epochs=1, batch_size=30, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="outside"):
+        fit(*(lambda s: (s, s.init(None, params)))(fairalm(apply_fn, optax.sgd(0.1), num_groups=3)),
+            x, y, np.where(g == 2, -1, g), epochs=1, batch_size=30, key=jax.random.key(0))
+
+
+def test_bad_hyperparameter_values_are_rejected_in_python_before_tracing():
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        constrained_hyperparams(eta=-1.0)
+    with pytest.raises(ValueError, match="eta_growth must be a finite number > 0"):
+        constrained_hyperparams(eta_growth=0.0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        erm_hyperparams(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="class_weights"):
+        erm_hyperparams(class_weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="FairnessConfig.eta must be >= 0"):
+        constrained.FairnessConfig(eta=-0.1)
+    with pytest.raises(ValueError, match="constraints has unknown 'bogus'"):
+        constrained.FairnessConfig(constraint="deo+bogus")
+    assert constrained.FairnessConfig(constraint="eo+dp").constraints == ("eo", "dp")
+    assert isinstance(erm_hyperparams(), ERMHyperparams)
+
+
+def _run_experiment(tmp_path, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.fairalm", "--dataset=german", "--model=linear", "--epochs=1",
+         "--batch_size=200", f"--output_dir={tmp_path}", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_experiment_eta_grid_of_8_values_times_3_seeds_is_one_compiled_program(tmp_path):
+    etas = "0.001,0.003,0.01,0.03,0.1,0.3,1,3"
+    completed = _run_experiment(tmp_path, "--methods=reweighting,fairalm", "--seeds=0,1,2", f"--grid=eta={etas}",
+                                "--grid_chunk=10", "--select=val_deo_gap", "--inner_steps=1")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "fairalm_german.json").read_text())
+    runs = results["runs"]
+    fairalm_runs = [r for r in runs if r["method"] == "fairalm"]
+    assert len(fairalm_runs) == 24 and len([r for r in runs if r["method"] == "reweighting"]) == 3
+    assert sorted({r["eta"] for r in fairalm_runs}) == sorted(float(v) for v in etas.split(","))
+    assert {"setting", "val_deo_gap", "val_accuracy", "deo_gap"} <= set(fairalm_runs[0])
+    compiled = results["config"]["compiled_epochs"]
+    # one program per method for the whole grid: chunks of 10, 10 and 4 runs (padded to 10)
+    assert sorted(compiled.values()) == [1, 1], compiled
+    assert [(r["seed"], r["eta"]) for r in fairalm_runs] == [(s, float(e)) for s in (0, 1, 2) for e in etas.split(",")]
+    assert [s["method"] for s in results["config"]["selected"]] == ["reweighting", "fairalm"]
+    labels = [row["label"] for row in results["summary"]]
+    assert "fairalm (selected on val_deo_gap)" in labels and "fairalm [eta=0.3]" in labels
+    assert len(labels) == 1 + 8 + 2
+
+
+# Bad --grid / --select / --methods values: FAIRALM_BAD_FLAGS in tests/test_resume_autobalance_fairalm.py
+# (one forked driver for every case instead of a Python start-up per case).

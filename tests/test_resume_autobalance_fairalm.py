@@ -32,7 +32,7 @@ AUTOBALANCE = [
     "--hidden=", "--batch_size=256", "--checkpoint_every=1",
 ]  # fmt: skip
 FAIRALM = [
-    "--dataset=german", "--method=unconstrained,fairalm", "--eta_grid=0.1", "--seeds=0", "--epochs=40",
+    "--dataset=german", "--methods=unconstrained,fairalm", "--eta_grid=0.1", "--seeds=0", "--epochs=40",
     "--batch_size=64", "--model=linear", "--inner_steps=1", "--checkpoint_every=1",
 ]  # fmt: skip
 
@@ -143,7 +143,7 @@ def test_fairalm_killed_in_the_eta_grid_resumes_to_the_same_results(tmp_path):
     command = FAIRALM + [f"--output_dir={interrupted}"]
     uninterrupted, grid_kill, resumed = drive("experiments.fairalm", [
         dict(argv=FAIRALM + [f"--output_dir={full}"]),
-        dict(argv=command, kill=(checkpoints / "grid_fairalm_eta0.1.state", 3), exists=[results]),
+        dict(argv=command, kill=(checkpoints / "fairalm_chunk0.state", 3), exists=[results]),
         dict(argv=command + ["--resume"]),
     ], tmp_path / "logs")  # fmt: skip
     assert uninterrupted["code"] == 0, uninterrupted["output"][-3000:]
@@ -199,13 +199,24 @@ AUTOBALANCE_BAD_FLAGS = [
     (["extra"], ["unexpected arguments ['extra']"]),
 ]
 FAIRALM_BAD_FLAGS = [
-    (["--method=fairalm,bogus"], ["--method has unknown ['bogus']", "choose from unconstrained, l2_penalty"]),
-    (["--method=fairalm,fairalm"], ["--method has repeated values"]),
+    (["--methods=fairalm,bogus"], ["--methods has unknown ['bogus']", "choose from unconstrained, l2_penalty"]),
+    (["--methods=fairalm,fairalm"], ["--methods has repeated values"]),
+    (["--method=fairalm"], ["Unknown command line flag 'method'"]),
     (["--constraint=deo,bogus"], ["--constraint has unknown ['bogus']", "choose from deo, fpr, eo, dp, pp"]),
     (["--eta_grid=0.1,x"], ["--eta_grid must be numbers, got 'x'", "--eta_grid=0.01,0.1,1"]),
     (["--eta_grid=0.1,0.10"], ["--eta_grid has repeated values"]),
     (["--eta_grid=-1"], ["--eta_grid values must be finite and >= 0"]),
-    (["--eta_grid=0.1", "--method=unconstrained"], ["--eta_grid tunes l2_penalty, lagrangian, fairalm"]),
+    (["--eta_grid=0.1", "--methods=unconstrained"], ["--eta_grid tunes l2_penalty, lagrangian, fairalm"]),
+    (["--eta_grid=0.1", "--grid=eta=1"], ["use either --eta_grid or --grid"]),
+    (["--grid=bogus=1"], ["FairnessConfig has no setting 'bogus'", "settings: constraint, surrogate"]),
+    (["--grid=eta=0.1,-1"], ["FairnessConfig.eta must be >= 0"]),
+    (["--grid=eta=0.1,x"], ["--grid eta='x'"]),
+    (["--grid=eta"], ["write NAME=v1,v2,..."]),
+    (["--methods=unconstrained", "--grid=eta=0.1,1"], ["--grid eta changes none of --methods=unconstrained"]),
+    (["--select=deo_gap"], ["choose with a validation metric (val_...)"]),
+    (["--select=val_bogus"], ["no metric 'val_bogus'", "validation metrics: val_accuracy"]),
+    (["--inner_steps=0"], ["--inner_steps must be >= 1"]),
+    (["--constraint=deo+bogus"], ["--constraint has unknown ['bogus']"]),
     (["--seeds="], ["--seeds is empty", "--seeds=0"]),
     (["--learning_rate=0"], ["--learning_rate must be > 0"]),
     (["--eta=inf"], ["--eta must be a finite number, got inf"]),

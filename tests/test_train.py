@@ -12,7 +12,7 @@ import pytest
 
 from experiments import common
 from fairopt import losses, train
-from fairopt.solvers.erm import erm
+from fairopt.solvers.erm import erm, erm_hyperparams
 
 
 def test_masked_mean_ignores_padding_and_is_zero_when_empty():
@@ -99,6 +99,36 @@ def test_fit_rejects_bad_arguments():
         train.fit(solver, state, x, y, groups, epochs=-1, batch_size=4, key=jax.random.key(0))
     with pytest.raises(ValueError, match="steps_per_epoch"):
         erm(_linear_apply, _ce, optax.sgd(0.1), steps_per_epoch=0)
+
+
+def test_erm_factory_optimizer_with_traced_learning_rate_matches_a_ready_optimizer():
+    x, y, groups = _logistic_problem(n=64)
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    batch = train.Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(groups), jnp.ones(64, bool))
+    ready = erm(_linear_apply, _ce, optax.adam(0.05))
+    factory = erm(_linear_apply, _ce, optax.adam, learning_rate=0.05)
+    step = jax.jit(factory.step)
+    states = [ready.init(None, params), factory.init(None, params)]
+    for _ in range(2):
+        states = [jax.jit(ready.step)(states[0], batch)[0], step(states[1], batch)[0]]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), states[0].params, states[1].params)
+    other = factory.init(None, params, erm_hyperparams(learning_rate=0.5))  # another number, same program
+    step(other, batch)
+    assert step._cache_size() == 1
+
+
+def test_check_group_ids_names_the_bad_ids_and_the_fix():
+    train.check_group_ids(np.array([0, 1, 1]), 2)
+    with pytest.raises(ValueError, match=r"ids \[2, 5\] outside \[0, num_groups=2\); build the solver with num_groups=6"):
+        train.check_group_ids(np.array([0, 2, 5, 1]), 2, what="groups")
+    with pytest.raises(ValueError, match="integer group ids"):
+        train.check_group_ids(np.array([0.0, 1.0]), 2)
+    calls = []
+    solver = erm(_linear_apply, _ce, optax.sgd(0.1))._replace(check_data=lambda x, y, g: calls.append(len(g)))
+    x, y, groups = _logistic_problem(n=20)
+    train.fit(solver, solver.init(None, {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}), x, y, groups, epochs=1,
+              batch_size=10, key=jax.random.key(0))
+    assert calls == [20]  # fit validates the data with the solver's check before training
 
 
 def test_predict_in_batches_matches_one_call_with_padding():

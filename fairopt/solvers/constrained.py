@@ -42,7 +42,8 @@ This module holds what FairALM (:mod:`fairopt.solvers.fairalm`) and its baseline
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +52,97 @@ import optax
 
 from fairopt import losses
 from fairopt.losses import masked_mean
-from fairopt.train import Batch, Solver
+from fairopt.solvers.erm import DEFAULT_LEARNING_RATE, as_optimizer_factory, check_batch, check_hyperparams
+from fairopt.sweep import HyperparameterConfig
+from fairopt.train import Batch, Solver, check_group_ids
 
 ATOMS = ("deo", "fpr", "dp", "pp")
 CONSTRAINTS = ("deo", "fpr", "eo", "dp", "pp")
 SURROGATES = ("cross_entropy", "probability")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class FairnessHyperparams(NamedTuple):
+    """The numeric fields of :class:`FairnessConfig` (traced; a sweep over them is one program)."""
+
+    learning_rate: jax.Array
+    eta: jax.Array
+    eta_growth: jax.Array
+    dro_step_size: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FairnessConfig(HyperparameterConfig):
+    """Settings shared by FairALM, its constrained baselines, ERM and group DRO (the one place
+    their defaults are declared; ``experiments.fairalm`` derives its flags from it).
+
+    The fields named in :class:`FairnessHyperparams` are numbers that ``init`` stores in the
+    state (:meth:`constrained_hyperparams`, :meth:`group_dro_hyperparams`,
+    :meth:`erm_hyperparams`), so changing one never recompiles; the others are static.
+
+    Attributes:
+      constraint: the fairness constraint(s): deo, fpr, eo, dp or pp, several joined by a comma or +.
+      surrogate: smooth surrogate of the group rates: cross_entropy (official) or probability.
+      positive_class: the class whose group rates are equalised.
+      inner_steps: FairALM primal steps per batch (official: 5).
+      optimizer: primal optimiser, adam or sgd (official FairALM: sgd with learning rate 0.01).
+      learning_rate: primal learning rate.
+      eta: dual step / augmentation weight eta of FairALM, penalty weight of l2_penalty and ascent
+        step of lagrangian (official FairALM: 20 on CelebA images).
+      eta_growth: per-epoch growth of eta (official 1.01, and 1.0 keeps it constant).
+      dro_step_size: group DRO step size of the cell weights.
+    """
+
+    Hyperparams: ClassVar[type] = FairnessHyperparams
+    CHOICES: ClassVar[dict] = {"surrogate": SURROGATES, "optimizer": OPTIMIZERS}
+
+    constraint: str = "deo"
+    surrogate: str = "cross_entropy"
+    positive_class: int = 1
+    inner_steps: int = 5
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    eta: float = 0.1
+    eta_growth: float = 1.01
+    dro_step_size: float = 0.01
+
+    def __post_init__(self):
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"FairnessConfig.{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        constraint_atoms(self.constraints)
+        for name in self.hyperparameter_names():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+                raise ValueError(f"FairnessConfig.{name} must be a finite number, got {value!r}")
+        for name in ("learning_rate", "eta_growth", "dro_step_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FairnessConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.eta < 0:
+            raise ValueError(f"FairnessConfig.eta must be >= 0, got {self.eta}")
+        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, (int, np.integer)) or self.inner_steps < 1:
+            raise ValueError(f"FairnessConfig.inner_steps must be an integer >= 1 (official FairALM: 5), got {self.inner_steps!r}")
+        if isinstance(self.positive_class, bool) or not isinstance(self.positive_class, (int, np.integer)) or self.positive_class < 0:
+            raise ValueError(f"FairnessConfig.positive_class must be a class index >= 0, got {self.positive_class!r}")
+
+    @property
+    def constraints(self) -> tuple[str, ...]:
+        """``constraint`` split at commas and ``+``."""
+        return tuple(name.strip() for name in self.constraint.replace("+", ",").split(",") if name.strip())
+
+    def optimizer_factory(self):
+        """``optax.adam`` or ``optax.sgd``: a factory, so the learning rate stays traced."""
+        return optax.adam if self.optimizer == "adam" else optax.sgd
+
+    @staticmethod
+    def constrained_hyperparams(h: FairnessHyperparams) -> "ConstrainedHyperparams":
+        """The :class:`ConstrainedHyperparams` of FairALM / Lagrangian / penalty (any leading axes)."""
+        return ConstrainedHyperparams(h.learning_rate, h.eta, h.eta_growth)
+
+    @staticmethod
+    def group_dro_hyperparams(h: FairnessHyperparams) -> "GroupDROHyperparams":
+        """The :class:`GroupDROHyperparams` of group DRO (no generalisation adjustment)."""
+        return GroupDROHyperparams(h.learning_rate, h.dro_step_size, jnp.zeros_like(h.dro_step_size))
 
 
 def constraint_atoms(constraints: str | Sequence[str]) -> tuple[str, ...]:
@@ -248,6 +335,43 @@ def constraint_gap(deviations: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(deviations))
 
 
+class ConstrainedHyperparams(NamedTuple):
+    """The traced numbers of a constrained solver (FairALM, Lagrangian, l2 penalty): ``init``
+    stores them in the state and ``step`` reads them there, so a sweep over them is one program.
+
+    ``eta`` is FairALM's dual step and augmentation weight, the penalty weight of
+    :func:`penalty` and the ascent step of :func:`lagrangian`; epoch ``e`` (from 0) uses
+    ``eta * eta_growth ** e``. ``learning_rate`` is the primal step (traced when the optimiser
+    is a factory such as ``optax.adam``).
+    """
+
+    learning_rate: jax.Array
+    eta: jax.Array
+    eta_growth: jax.Array
+
+
+def constrained_hyperparams(learning_rate=DEFAULT_LEARNING_RATE, eta=20.0, eta_growth=1.0) -> ConstrainedHyperparams:
+    """A :class:`ConstrainedHyperparams` of float32 scalars, validated in Python (ValueError)."""
+    check_numbers(learning_rate=learning_rate, eta=eta, eta_growth=eta_growth)
+    return ConstrainedHyperparams(*(jnp.asarray(v, jnp.float32) for v in (learning_rate, eta, eta_growth)))
+
+
+def check_numbers(**values) -> None:
+    """Validate hyperparameter values given as Python numbers (traced values are not checked):
+    ``eta`` and ``step_size`` finite and >= 0, learning rates and ``eta_growth`` finite and > 0."""
+    for name, value in values.items():
+        if isinstance(value, jax.core.Tracer):
+            continue
+        array = np.asarray(value, np.float64)
+        if array.shape != () or not np.isfinite(array):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if name in ("eta", "step_size", "generalization_adjustment") and array < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if name in ("learning_rate", "eta_growth") and not array > 0:
+            hint = " (1.0: constant eta; official 1.01)" if name == "eta_growth" else ""
+            raise ValueError(f"{name} must be a finite number > 0{hint}, got {value!r}")
+
+
 class ConstrainedState(NamedTuple):
     """State of a constrained solver (FairALM, Lagrangian, l2 penalty)."""
 
@@ -255,10 +379,12 @@ class ConstrainedState(NamedTuple):
     opt_state: Any
     multipliers: jax.Array  # [C, G] lambda (zeros for the penalty method)
     step: jax.Array  # int32 scalar: batches seen (dual steps taken)
+    hyperparams: ConstrainedHyperparams | None = None
 
 
-def dual_schedule(step: jax.Array, *, eta: float, eta_growth: float, steps_per_epoch: int) -> jax.Array:
-    """``eta_e = eta * eta_growth ** e`` with ``e = step // steps_per_epoch`` (0-based epoch).
+def dual_schedule(step: jax.Array, *, eta, eta_growth, steps_per_epoch: int) -> jax.Array:
+    """``eta_e = eta * eta_growth ** e`` with ``e = step // steps_per_epoch`` (0-based epoch);
+    ``eta`` and ``eta_growth`` may be traced.
 
     The official code multiplies eta by 1.01 at the *start* of every epoch, so its first epoch
     already uses ``1.01 * eta``; fairopt's first epoch uses ``eta`` itself.
@@ -268,12 +394,10 @@ def dual_schedule(step: jax.Array, *, eta: float, eta_growth: float, steps_per_e
 
 
 def check_constrained_args(*, num_groups, positive_class, surrogate, eta, eta_growth, inner_steps, steps_per_epoch):
-    """Validate the shared arguments of the constrained solvers (ValueError naming the fix)."""
+    """Validate the shared arguments of the constrained solvers (ValueError naming the fix);
+    ``eta`` and ``eta_growth`` only when they are Python numbers (never traced values)."""
     _check_common(num_groups, positive_class, surrogate)
-    if not np.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if not np.isfinite(eta_growth) or eta_growth <= 0:
-        raise ValueError(f"eta_growth must be a finite number > 0 (1.0: constant eta; official 1.01), got {eta_growth!r}")
+    check_numbers(eta=eta, eta_growth=eta_growth)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
         raise ValueError(f"inner_steps must be an integer >= 1 (official FairALM: 5), got {inner_steps!r}")
     if not isinstance(steps_per_epoch, (int, np.integer)) or steps_per_epoch < 1:
@@ -282,7 +406,7 @@ def check_constrained_args(*, num_groups, positive_class, surrogate, eta, eta_gr
 
 def build_constrained_solver(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
-    optimizer: optax.GradientTransformation,
+    optimizer,
     *,
     primal_penalty: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array],
     dual_step: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None,
@@ -294,6 +418,8 @@ def build_constrained_solver(
     eta_growth: float,
     inner_steps: int,
     steps_per_epoch: int,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    solver_name: str = "constrained",
 ) -> Solver:
     """A primal-dual solver: ``inner_steps`` optimizer steps on one batch, then a dual step.
 
@@ -308,16 +434,23 @@ def build_constrained_solver(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits [B, K]``.
-      optimizer: optax transformation of the primal step (the paper's step size ``tau``).
+      optimizer: the primal optimiser (the paper's step size ``tau``): a factory
+        ``learning_rate -> optax.GradientTransformation`` (``optax.sgd``; the learning rate is
+        then traced), a ready transformation (used as is) or None (``optax.adam``).
       primal_penalty: ``(rates, present, multipliers, eta_t) -> scalar`` added to ``e_hat``.
       dual_step: ``(multipliers, deviations, eta_t) -> multipliers`` or None.
       constraints, num_groups, positive_class, surrogate: see :func:`smooth_group_rates`.
-      eta, eta_growth, steps_per_epoch: see :func:`dual_schedule`.
-      inner_steps: primal steps per batch.
+      eta, eta_growth, learning_rate: the defaults of ``init``'s ``hyperparams``
+        (:class:`ConstrainedHyperparams`); see :func:`dual_schedule`.
+      steps_per_epoch: batches per epoch (static).
+      inner_steps: primal steps per batch (static).
+      solver_name: how errors name the solver.
 
     Returns:
-      A :class:`fairopt.train.Solver`; ``init(key, params)``; ``step`` consumes
-      :class:`fairopt.train.Batch` and reports ``loss`` (cross-entropy at the new parameters),
+      A :class:`fairopt.train.Solver`; ``init(key, params, hyperparams=None)`` stores a
+      :class:`ConstrainedHyperparams` in the state; ``check_data(x, y, groups)`` rejects group
+      ids outside ``[0, num_groups)`` (called by :func:`fairopt.train.fit`); ``step`` consumes
+      a :class:`fairopt.train.Batch` (anything else is a TypeError naming it) and reports ``loss`` (cross-entropy at the new parameters),
       ``objective`` (the last primal objective), ``constraint_gap`` (largest ``|d|`` of the
       smooth rates), ``multiplier`` (largest ``|lambda|``) and ``eta``.
     """
@@ -331,6 +464,8 @@ def build_constrained_solver(
         steps_per_epoch=steps_per_epoch,
     )
     atoms = constraint_atoms(constraints)
+    factory = as_optimizer_factory(optimizer)
+    default = constrained_hyperparams(learning_rate, eta, eta_growth)
 
     def rates_and_loss(params, batch: Batch):
         logits = apply_fn(params, batch.x)
@@ -356,13 +491,18 @@ def build_constrained_solver(
         loss, rates, present = rates_and_loss(params, batch)
         return loss + primal_penalty(rates, present, multipliers, eta_t)
 
-    def init(key, params):
+    def init(key, params, hyperparams: ConstrainedHyperparams | None = None):
         del key
+        hyperparams = check_hyperparams(hyperparams, ConstrainedHyperparams, default)
         multipliers = jnp.zeros((len(atoms), num_groups), jnp.float32)
-        return ConstrainedState(params, optimizer.init(params), multipliers, jnp.zeros((), jnp.int32))
+        opt_state = factory(hyperparams.learning_rate).init(params)
+        return ConstrainedState(params, opt_state, multipliers, jnp.zeros((), jnp.int32), hyperparams)
 
     def step(state: ConstrainedState, batch: Batch):
-        eta_t = dual_schedule(state.step, eta=eta, eta_growth=eta_growth, steps_per_epoch=steps_per_epoch)
+        batch = check_batch(batch, solver_name)
+        h = default if state.hyperparams is None else state.hyperparams
+        optimizer = factory(h.learning_rate)
+        eta_t = dual_schedule(state.step, eta=h.eta, eta_growth=h.eta_growth, steps_per_epoch=steps_per_epoch)
 
         def primal(carry, _):
             params, opt_state = carry
@@ -383,17 +523,20 @@ def build_constrained_solver(
             "multiplier": jnp.max(jnp.abs(multipliers)),
             "eta": eta_t,
         }
-        return ConstrainedState(params, opt_state, multipliers, state.step + 1), metrics
+        return ConstrainedState(params, opt_state, multipliers, state.step + 1, state.hyperparams), metrics
 
     def predict(state: ConstrainedState, x):
         return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
 
-    return Solver(init, step, predict)
+    def check_data(x, y, groups):
+        check_group_ids(groups, num_groups, what=f"the {solver_name} training groups")
+
+    return Solver(init, step, predict, check_data)
 
 
 def penalty(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
-    optimizer: optax.GradientTransformation,
+    optimizer=None,
     *,
     constraints: str | Sequence[str] = "deo",
     num_groups: int = 2,
@@ -402,6 +545,7 @@ def penalty(
     eta: float = 20.0,
     eta_growth: float = 1.0,
     steps_per_epoch: int = 1,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
 ) -> Solver:
     r"""The l2-penalty baseline (FairALM paper §6, official ``L2_PENALTY``).
 
@@ -411,14 +555,17 @@ def penalty(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits``.
-      optimizer: optax transformation.
+      optimizer: a factory ``learning_rate -> optax.GradientTransformation`` (traced learning
+        rate), a ready transformation or None (``optax.adam``).
       constraints: see :func:`constraint_atoms`.
       num_groups: G >= 2.
       positive_class: class whose rates are equalised.
       surrogate: see :func:`smooth_group_rates`.
-      eta: penalty weight (official: 20, grown ×1.01 per epoch as FairALM's eta).
+      eta: penalty weight (official: 20, grown ×1.01 per epoch as FairALM's eta); a default of
+        ``init``'s :class:`ConstrainedHyperparams`, like ``eta_growth`` and ``learning_rate``.
       eta_growth: per-epoch factor of ``eta``.
       steps_per_epoch: batches per epoch (for the growth).
+      learning_rate: the primal step (with an optimiser factory).
 
     Returns:
       A :class:`fairopt.train.Solver` (see :func:`build_constrained_solver`).
@@ -441,12 +588,14 @@ def penalty(
         eta_growth=eta_growth,
         inner_steps=1,
         steps_per_epoch=steps_per_epoch,
+        learning_rate=learning_rate,
+        solver_name="l2-penalty",
     )
 
 
 def lagrangian(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
-    optimizer: optax.GradientTransformation,
+    optimizer=None,
     *,
     constraints: str | Sequence[str] = "deo",
     num_groups: int = 2,
@@ -456,6 +605,7 @@ def lagrangian(
     dual_growth: float = 1.0,
     inner_steps: int = 1,
     steps_per_epoch: int = 1,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
 ) -> Solver:
     r"""The plain Lagrangian baseline: gradient descent-ascent on ``e_hat + lambda . d``.
 
@@ -467,8 +617,9 @@ def lagrangian(
     Args:
       apply_fn, optimizer, constraints, num_groups, positive_class, surrogate: as
         :func:`penalty`.
-      dual_learning_rate: ascent step ``alpha`` on the multipliers.
-      dual_growth: per-epoch factor of the ascent step.
+      dual_learning_rate: ascent step ``alpha`` on the multipliers: the default ``eta`` of
+        ``init``'s :class:`ConstrainedHyperparams` (traced).
+      dual_growth: per-epoch factor of the ascent step (the default ``eta_growth``).
       inner_steps: primal steps per batch.
       steps_per_epoch: batches per epoch.
 
@@ -496,6 +647,25 @@ def lagrangian(
         eta_growth=dual_growth,
         inner_steps=inner_steps,
         steps_per_epoch=steps_per_epoch,
+        learning_rate=learning_rate,
+        solver_name="Lagrangian",
+    )
+
+
+class GroupDROHyperparams(NamedTuple):
+    """The traced numbers of :func:`group_dro`: the primal ``learning_rate``, the DRO
+    ``step_size`` and the generalisation adjustment ``C``."""
+
+    learning_rate: jax.Array
+    step_size: jax.Array
+    generalization_adjustment: jax.Array
+
+
+def group_dro_hyperparams(learning_rate=DEFAULT_LEARNING_RATE, step_size=0.01, generalization_adjustment=0.0):
+    """A :class:`GroupDROHyperparams` of float32 scalars, validated in Python (ValueError)."""
+    check_numbers(learning_rate=learning_rate, step_size=step_size, generalization_adjustment=generalization_adjustment)
+    return GroupDROHyperparams(
+        *(jnp.asarray(v, jnp.float32) for v in (learning_rate, step_size, generalization_adjustment))
     )
 
 
@@ -506,42 +676,51 @@ class GroupDROSolverState(NamedTuple):
     opt_state: Any
     dro: losses.GroupDROState
     step: jax.Array
+    hyperparams: GroupDROHyperparams | None = None
 
 
 def group_dro(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
-    optimizer: optax.GradientTransformation,
+    optimizer=None,
     *,
     num_classes: int,
     num_groups: int,
     step_size: float = 0.01,
     cell_counts: np.ndarray | None = None,
     generalization_adjustment: float = 0.0,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
 ) -> Solver:
     r"""Online group DRO (Sagawa et al., ICLR 2020) over the (class, group) cells.
 
     The robust groups are the ``K G`` cells ``u = y G + a``; each step updates the cell weights
     ``q_u <- q_u exp(step_size (L_u + C / sqrt(n_u)))`` (normalised) with the batch's mean cell
-    losses and descends on ``sum_u q_u L_u`` (:func:`fairopt.losses.group_dro`; cells absent
-    from the batch keep their weight up to the normalisation).
+    losses and descends on ``sum_u q_u L_u`` (the update of :func:`fairopt.losses.group_dro`,
+    with ``step_size`` and ``C`` traced; cells absent from the batch keep their weight up to the
+    normalisation).
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits [B, K]``.
-      optimizer: optax transformation.
+      optimizer: a factory ``learning_rate -> optax.GradientTransformation``, a ready
+        transformation or None (``optax.adam``).
       num_classes: K >= 2.
       num_groups: G >= 1.
       step_size: DRO step ``eta`` (default 0.01, SPEC §1).
       cell_counts: ``[K, G]`` training counts, needed when ``generalization_adjustment > 0``.
       generalization_adjustment: ``C`` (default 0).
+      learning_rate: the primal step (with an optimiser factory).
+
+    ``step_size``, ``generalization_adjustment`` and ``learning_rate`` are the defaults of
+    ``init``'s :class:`GroupDROHyperparams`.
 
     Returns:
-      A :class:`fairopt.train.Solver`; ``step`` reports ``loss`` (mean CE), ``robust_loss`` and
-      ``worst_cell_weight``.
+      A :class:`fairopt.train.Solver`; ``step`` consumes a :class:`fairopt.train.Batch` and
+      reports ``loss`` (mean CE), ``robust_loss`` and ``worst_cell_weight``.
     """
     for name, value, minimum in (("num_classes", num_classes, 2), ("num_groups", num_groups, 1)):
         if not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    counts = None
+    default = group_dro_hyperparams(learning_rate, step_size, generalization_adjustment)
+    num_cells = num_classes * num_groups
     if cell_counts is not None:
         counts = np.asarray(cell_counts)
         if counts.shape != (num_classes, num_groups):
@@ -549,34 +728,48 @@ def group_dro(
                 f"cell_counts must have shape [K, G] = ({num_classes}, {num_groups}) (Dataset.cell_counts), "
                 f"got {counts.shape}"
             )
-        counts = np.maximum(counts.reshape(-1), 1)  # cell id y * G + a; empty cells: no adjustment blow-up
-    robust = losses.group_dro(
-        num_classes * num_groups,
-        step_size=step_size,
-        group_counts=counts,
-        generalization_adjustment=generalization_adjustment,
-    )
+        # cell id y * G + a; empty cells: no adjustment blow-up
+        inverse_sqrt = jnp.asarray(1.0 / np.sqrt(np.maximum(counts.reshape(-1), 1)), jnp.float32)
+    else:
+        if generalization_adjustment > 0:
+            raise ValueError("group_dro: generalization_adjustment > 0 needs cell_counts=[K, G] (n_{y,g})")
+        inverse_sqrt = jnp.zeros((num_cells,), jnp.float32)
+    factory = as_optimizer_factory(optimizer)
 
-    def objective(params, dro_state, batch: Batch):
+    def objective(params, dro_state, batch: Batch, h: GroupDROHyperparams):
         per_example = losses.cross_entropy(apply_fn(params, batch.x), batch.y)
         cells = batch.y * num_groups + batch.groups
-        robust_loss, dro_state = robust.update_and_loss(dro_state, per_example, cells, batch.mask)
+        cell_losses, cell_counts_in_batch = losses.group_mean_losses(per_example, cells, num_cells, batch.mask)
+        exponent = h.step_size * (jax.lax.stop_gradient(cell_losses) + h.generalization_adjustment * inverse_sqrt)
+        exponent = jnp.where(cell_counts_in_batch > 0, exponent, 0.0)
+        dro_state = losses.GroupDROState(jax.nn.log_softmax(dro_state.log_weights + exponent))
+        robust_loss = jnp.dot(jax.lax.stop_gradient(dro_state.weights), cell_losses)
         return robust_loss, (dro_state, masked_mean(per_example, batch.mask))
 
-    def init(key, params):
+    def init(key, params, hyperparams: GroupDROHyperparams | None = None):
         del key
-        return GroupDROSolverState(params, optimizer.init(params), robust.init(), jnp.zeros((), jnp.int32))
+        hyperparams = check_hyperparams(hyperparams, GroupDROHyperparams, default)
+        log_weights = jnp.full((num_cells,), -np.log(num_cells), jnp.float32)
+        return GroupDROSolverState(
+            params, factory(hyperparams.learning_rate).init(params), losses.GroupDROState(log_weights),
+            jnp.zeros((), jnp.int32), hyperparams,
+        )
 
     def step(state: GroupDROSolverState, batch: Batch):
+        batch = check_batch(batch, "group DRO")
+        h = default if state.hyperparams is None else state.hyperparams
         (robust_loss, (dro_state, loss)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, state.dro, batch
+            state.params, state.dro, batch, h
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = factory(h.learning_rate).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "robust_loss": robust_loss, "worst_cell_weight": jnp.max(dro_state.weights)}
-        return GroupDROSolverState(params, opt_state, dro_state, state.step + 1), metrics
+        return GroupDROSolverState(params, opt_state, dro_state, state.step + 1, state.hyperparams), metrics
 
     def predict(state: GroupDROSolverState, x):
         return jax.nn.softmax(apply_fn(state.params, x), axis=-1)
 
-    return Solver(init, step, predict)
+    def check_data(x, y, groups):
+        check_group_ids(groups, num_groups, what="the group DRO training groups")
+
+    return Solver(init, step, predict, check_data)

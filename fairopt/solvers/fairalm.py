@@ -60,20 +60,25 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fairopt.solvers.constrained import (
+    ConstrainedHyperparams,
     ConstrainedState,
     build_constrained_solver,
+    check_numbers,
+    constrained_hyperparams,
     constraint_atoms,
     group_deviations,
     hard_group_rates,
     lagrangian_term,
 )
+from fairopt.solvers.erm import DEFAULT_LEARNING_RATE
 from fairopt.train import Solver
 
 __all__ = [
+    "ConstrainedHyperparams",
     "ConstrainedState",
+    "constrained_hyperparams",
     "FiniteGameResult",
     "augmentation_term",
     "fairalm",
@@ -115,7 +120,7 @@ def fairalm_objective(rates: jax.Array, present: jax.Array, multipliers: jax.Arr
 
 def fairalm(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
-    optimizer: optax.GradientTransformation,
+    optimizer=None,
     *,
     constraints: str | Sequence[str] = "deo",
     num_groups: int = 2,
@@ -125,6 +130,7 @@ def fairalm(
     eta_growth: float = 1.01,
     inner_steps: int = 5,
     steps_per_epoch: int = 1,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
 ) -> Solver:
     r"""FairALM for deep (or any differentiable) models — paper Alg. 2.
 
@@ -142,7 +148,10 @@ def fairalm(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits [B, K]``.
-      optimizer: the primal step (official: ``optax.sgd(0.01)``, batch 256).
+      optimizer: the primal step (official: SGD with step 0.01, batch 256): a factory
+        ``learning_rate -> optax.GradientTransformation`` such as ``optax.sgd`` (the learning
+        rate is then a traced hyperparameter), a ready transformation (``optax.sgd(0.01)``, used
+        as is) or None (``optax.adam``).
       constraints: one or several of ``"deo"``, ``"fpr"``, ``"eo"``, ``"dp"``, ``"pp"``.
       num_groups: G >= 2 (static).
       positive_class: the class whose rates are equalised.
@@ -151,10 +160,18 @@ def fairalm(
       eta_growth: per-epoch growth of eta (official: 1.01; 1.0 keeps it constant).
       inner_steps: primal steps per batch (official: 5).
       steps_per_epoch: batches per epoch, so that eta grows once per epoch.
+      learning_rate: the primal step when ``optimizer`` is a factory.
+
+    ``eta``, ``eta_growth`` and ``learning_rate`` are only the defaults of ``init``'s
+    ``hyperparams`` (:class:`ConstrainedHyperparams`, kept in the state): pass
+    ``init(key, params, constrained_hyperparams(eta=...))`` — or a stack of them under
+    ``jax.vmap`` — to change them without compiling again. Everything else is static.
 
     Returns:
-      A :class:`fairopt.train.Solver` with state :class:`ConstrainedState`; ``step`` reports
-      ``loss``, ``objective``, ``constraint_gap``, ``multiplier`` and ``eta``.
+      A :class:`fairopt.train.Solver` with state :class:`ConstrainedState`; ``step`` takes a
+      :class:`fairopt.train.Batch` and reports ``loss``, ``objective``, ``constraint_gap``,
+      ``multiplier`` and ``eta``; ``check_data(x, y, groups)`` rejects group ids outside
+      ``[0, num_groups)`` (:func:`fairopt.train.fit` calls it before training).
 
     Raises:
       ValueError: on an unknown constraint/surrogate, ``num_groups < 2``, ``eta < 0``,
@@ -177,6 +194,8 @@ def fairalm(
         eta_growth=eta_growth,
         inner_steps=inner_steps,
         steps_per_epoch=steps_per_epoch,
+        learning_rate=learning_rate,
+        solver_name="FairALM",
     )
 
 
@@ -284,11 +303,12 @@ def fairalm_finite(
         )
     if rates.shape[2] < 2:
         raise ValueError(f"rates must have G >= 2 groups in the last axis, got shape {rates.shape}")
-    if not np.isfinite(eta) or eta <= 0:
+    check_numbers(eta=eta)  # Python numbers only: a traced eta (jax.vmap over a grid) is not checked
+    if not isinstance(eta, jax.core.Tracer) and not eta > 0:
         raise ValueError(f"eta must be a finite number > 0, got {eta!r}")
     if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 1:
         raise ValueError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
-    return _finite_game(errors, rates, present, jnp.float32(eta), int(num_rounds))
+    return _finite_game(errors, rates, present, jnp.asarray(eta, jnp.float32), int(num_rounds))
 
 
 @functools.partial(jax.jit, static_argnames="num_rounds")
