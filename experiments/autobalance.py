@@ -751,30 +751,14 @@ def check_writable(output_dir: str, dataset_name: str, *, overwrite: bool) -> Pa
 
 def parse_hidden(values) -> tuple[int, ...]:
     """The widths of ``--hidden``: positive integers (none: a linear model)."""
-    hidden = []
-    for value in values:
-        try:
-            width = int(value)
-        except ValueError:
-            raise ValueError(f"--hidden must be positive integers, got {value!r} (e.g. --hidden=128,64)") from None
-        if width < 1:
-            raise ValueError(f"--hidden must be positive integers, got {width}")
-        hidden.append(width)
-    return tuple(hidden)
+    return common.parse_numbers("hidden", values, kind=int, valid=lambda w: w >= 1, requirement="positive integers",
+                                example="128,64")
 
 
 def parse_fractions(values) -> tuple[float, ...]:
     """``--lr_decay_fractions``: numbers in (0, 1)."""
-    fractions = []
-    for value in values:
-        try:
-            fraction = float(value)
-        except ValueError:
-            raise ValueError(f"--lr_decay_fractions must be numbers in (0, 1), got {value!r}") from None
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"--lr_decay_fractions must be numbers in (0, 1), got {fraction}")
-        fractions.append(fraction)
-    return tuple(fractions)
+    return common.parse_numbers("lr_decay_fractions", values, valid=lambda f: 0.0 < f < 1.0,
+                                requirement="numbers in (0, 1)", example="0.73,0.87")
 
 
 def _settings(dataset_name: str) -> Settings:

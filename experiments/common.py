@@ -86,6 +86,25 @@ def parse_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> t
     return tuple(values)
 
 
+def parse_numbers(name: str, values: Sequence[str], *, kind=float, valid=None, requirement: str = "numbers",
+                  example: str = "", distinct: bool = False) -> tuple:
+    """The values of a comma-separated number flag ``--name``, each converted with ``kind`` and
+    accepted by ``valid``; the error names the flag, the requirement and an example."""
+    hint = f" (e.g. --{name}={example})" if example else ""
+    parsed = []
+    for value in values:
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{name} must be {requirement}, got {value!r}{hint}") from None
+        if (kind is float and not math.isfinite(number)) or (valid is not None and not valid(number)):
+            raise ValueError(f"--{name} must be {requirement}, got {value!r}{hint}")
+        parsed.append(number)
+    if distinct and len(set(parsed)) != len(parsed):
+        raise ValueError(f"--{name} has repeated values: {list(values)}")
+    return tuple(parsed)
+
+
 def parse_seeds(values: Sequence[str] | Sequence[int]) -> tuple[int, ...]:
     """Seeds from an absl list flag; each must be a non-negative integer, none repeated."""
     seeds = []

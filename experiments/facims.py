@@ -101,12 +101,10 @@ def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[d
 
 
 def hidden_widths() -> tuple[int, ...]:
-    try:
-        widths = tuple(int(width) for width in FLAGS.hidden)
-    except ValueError:
-        raise ValueError(f"--hidden must be comma-separated integers, got {FLAGS.hidden}") from None
-    if not widths or any(width < 1 for width in widths):
-        raise ValueError(f"--hidden needs at least one width >= 1, got {FLAGS.hidden}")
+    widths = common.parse_numbers("hidden", FLAGS.hidden, kind=int, valid=lambda w: w >= 1,
+                                  requirement="comma-separated integers >= 1", example="400,200,100")
+    if not widths:
+        raise ValueError("--hidden needs at least one width, e.g. --hidden=400,200,100")
     return widths
 
 

@@ -117,18 +117,8 @@ EPOCH_FNS: dict = {}
 
 def parse_eta_grid(values) -> tuple[float, ...]:
     """The values of ``--eta_grid``: finite numbers >= 0, none repeated (empty: no selection)."""
-    grid = []
-    for value in values:
-        try:
-            eta = float(value)
-        except ValueError:
-            raise ValueError(f"--eta_grid must be numbers, got {value!r} (e.g. --eta_grid=0.01,0.1,1)") from None
-        if not (np.isfinite(eta) and eta >= 0):
-            raise ValueError(f"--eta_grid values must be finite and >= 0, got {value!r}")
-        grid.append(eta)
-    if len(set(grid)) != len(grid):
-        raise ValueError(f"--eta_grid has repeated values: {list(values)}")
-    return tuple(grid)
+    return common.parse_numbers("eta_grid", values, valid=lambda eta: eta >= 0, requirement="finite numbers >= 0",
+                                example="0.01,0.1,1", distinct=True)
 
 
 def base_config() -> FairnessConfig:

@@ -99,3 +99,27 @@ def group_by_static(configs: Iterable[Any]) -> list[list[int]]:
     for index, config in enumerate(configs):
         groups.setdefault(repr(sorted(config.static_settings().items())), []).append(index)
     return list(groups.values())
+
+
+def optimizer_factory(optimizer, name: str = "optimizer", *, default=None):
+    """An optimiser slot of a solver as a factory ``learning_rate -> optax.GradientTransformation``.
+
+    * ``None`` gives ``default`` (a factory, or None to let the solver build its own);
+    * a callable is taken as a factory (``optax.adam``, ``functools.partial(optax.sgd,
+      momentum=0.9)``): the solver calls it inside ``init`` / ``step`` with the traced learning
+      rate of its hyperparameters, so the rate stays data;
+    * a ready ``optax.GradientTransformation`` is used as it is (the hyperparameters' learning
+      rate for that slot then has no effect).
+    """
+    import optax
+
+    if optimizer is None:
+        return default
+    if isinstance(optimizer, optax.GradientTransformation):
+        return lambda learning_rate: optimizer
+    if callable(optimizer):
+        return optimizer
+    raise TypeError(
+        f"{name} must be an optax GradientTransformation or a factory learning_rate -> GradientTransformation "
+        f"(e.g. optax.adam), got {type(optimizer).__name__}"
+    )

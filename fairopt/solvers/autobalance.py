@@ -95,7 +95,7 @@ import optax
 
 from fairopt import augment as augment_lib
 from fairopt import hparams as hparams_lib
-from fairopt import implicit, losses
+from fairopt import implicit, losses, sweep
 from fairopt.sweep import HyperparameterConfig
 from fairopt.train import (
     Batch,
@@ -350,21 +350,6 @@ def _decayed(base, factor, step, boundaries: Sequence[int]):
     return base * factor**passed
 
 
-def _as_factory(optimizer, name: str):
-    """An optimiser slot: None, a factory ``learning_rate -> GradientTransformation`` or a ready
-    transformation (used as it is)."""
-    if optimizer is None:
-        return None
-    if isinstance(optimizer, optax.GradientTransformation):
-        return lambda learning_rate: optimizer
-    if callable(optimizer):
-        return optimizer
-    raise TypeError(
-        f"{name} must be an optax GradientTransformation or a factory learning_rate -> GradientTransformation "
-        f"(e.g. optax.adam), got {type(optimizer).__name__}"
-    )
-
-
 def make_lower_optimizer(config: AutoBalanceConfig) -> optax.GradientTransformation:
     """The lower-level optimiser at the config's numbers: SGD with momentum and weight decay, the
     step decayed at ``config.lr_decay_steps`` (its own update count). Exposed so that fixed-loss
@@ -480,8 +465,8 @@ def autobalance(
     """
     if not isinstance(config, AutoBalanceConfig):
         raise TypeError(f"config must be an AutoBalanceConfig, got {type(config).__name__}")
-    lower_factory = _as_factory(lower_optimizer, "lower_optimizer")
-    upper_factory = _as_factory(hparam_optimizer, "hparam_optimizer")
+    lower_factory = sweep.optimizer_factory(lower_optimizer, "lower_optimizer")
+    upper_factory = sweep.optimizer_factory(hparam_optimizer, "hparam_optimizer")
     class_counts = np.asarray(class_counts)
     if class_counts.ndim != 1 or class_counts.size < 2:
         raise ValueError(f"class_counts must be a [K] vector with K >= 2, got shape {class_counts.shape}")

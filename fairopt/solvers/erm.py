@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fairopt import sweep
 from fairopt.losses import masked_mean
 from fairopt.train import Batch, Solver
 
@@ -71,23 +72,8 @@ def erm_hyperparams(learning_rate: float = DEFAULT_LEARNING_RATE, class_weights=
 
 
 def as_optimizer_factory(optimizer, name: str = "optimizer") -> OptimizerFactory:
-    """An optimiser slot as a factory ``learning_rate -> GradientTransformation``.
-
-    ``None`` gives ``optax.adam``; a callable is taken as a factory (``optax.adam``,
-    ``functools.partial(optax.sgd, momentum=0.9)``: the learning rate stays a traced
-    hyperparameter); a ready ``GradientTransformation`` is used as it is (the learning rate of
-    the hyperparameters then has no effect).
-    """
-    if optimizer is None:
-        return optax.adam
-    if isinstance(optimizer, optax.GradientTransformation):
-        return lambda learning_rate: optimizer
-    if callable(optimizer):
-        return optimizer
-    raise TypeError(
-        f"{name} must be an optax GradientTransformation, a factory learning_rate -> GradientTransformation "
-        f"(e.g. optax.adam) or None, got {type(optimizer).__name__}"
-    )
+    """An optimiser slot (:func:`fairopt.sweep.optimizer_factory`); ``None`` gives ``optax.adam``."""
+    return sweep.optimizer_factory(optimizer, name, default=optax.adam)
 
 
 def check_batch(batch, solver_name: str) -> Batch:

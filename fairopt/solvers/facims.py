@@ -68,6 +68,7 @@ import optax
 from fairopt import implicit, losses, posterior, sam
 from fairopt.data.batching import GroupedArrays, sample_group_batch
 from fairopt.losses import masked_mean
+from fairopt import sweep
 from fairopt.sweep import HyperparameterConfig
 from fairopt.train import Solver
 
@@ -324,23 +325,6 @@ def _check_counts(class_counts, group_counts) -> tuple[np.ndarray, np.ndarray]:
     return class_counts, group_counts
 
 
-def _as_factory(optimizer, name: str) -> OptimizerFactory | None:
-    """An optimiser slot: ``None`` (the default), a factory ``learning_rate -> GradientTransformation``
-    (``optax.adagrad``, ``optax.adam``, ``functools.partial(optax.sgd, momentum=0.9)``, ...: the
-    learning rate stays a traced hyperparameter) or a ready ``GradientTransformation`` (used as it
-    is: the config's learning rate for that level then has no effect)."""
-    if optimizer is None:
-        return None
-    if isinstance(optimizer, optax.GradientTransformation):
-        return lambda learning_rate: optimizer
-    if callable(optimizer):
-        return optimizer
-    raise TypeError(
-        f"{name} must be an optax GradientTransformation or a factory learning_rate -> GradientTransformation "
-        f"(e.g. optax.adagrad), got {type(optimizer).__name__}"
-    )
-
-
 class FacimsParts(NamedTuple):
     """The per-group building blocks of :func:`facims` for one set of hyperparameters (exposed
     for tests, benchmarks and custom loops).
@@ -384,9 +368,9 @@ def facims_parts(
         class_counts=class_counts,
         group_counts=group_counts,
         optimizers=(
-            _as_factory(local_optimizer, "local_optimizer"),
-            _as_factory(global_optimizer, "global_optimizer"),
-            _as_factory(hparam_optimizer, "hparam_optimizer"),
+            sweep.optimizer_factory(local_optimizer, "local_optimizer"),
+            sweep.optimizer_factory(global_optimizer, "global_optimizer"),
+            sweep.optimizer_factory(hparam_optimizer, "hparam_optimizer"),
         ),
     )
 
@@ -601,9 +585,9 @@ def facims(
     if config.groups_per_step is not None and config.groups_per_step > num_groups:
         raise ValueError(f"groups_per_step={config.groups_per_step} exceeds the {num_groups} groups")
     optimizers = (
-        _as_factory(local_optimizer, "local_optimizer"),
-        _as_factory(global_optimizer, "global_optimizer"),
-        _as_factory(hparam_optimizer, "hparam_optimizer"),
+        sweep.optimizer_factory(local_optimizer, "local_optimizer"),
+        sweep.optimizer_factory(global_optimizer, "global_optimizer"),
+        sweep.optimizer_factory(hparam_optimizer, "hparam_optimizer"),
     )
 
     def parts_for(state: FacimsState, global_learning_rate=None) -> FacimsParts:
