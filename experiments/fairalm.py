@@ -22,6 +22,11 @@ keeps accuracies within 90 % of the best); the chosen value is then used for eve
     python -m experiments.fairalm --dataset=adult --seeds=0,1,2
     python -m experiments.fairalm --dataset=celeba_attributes --method=unconstrained,fairalm \
         --constraint=deo --eta=0.1 --epochs=3
+    python -m experiments.fairalm --dataset=adult --group=sex,race            # intersectional groups
+    python -m experiments.fairalm --data=loans.csv --label=default --group=sex --positive=yes
+
+Your own CSV (``--data``, ``--label``, ``--group``...) or another sensitive attribute of a built-in
+dataset (``--group``): see ``experiments/data_flags.py``.
 
 Writes ``<output_dir>/fairalm_<dataset>.{json,csv,md}`` and ``..._summary.csv`` (refusing to
 overwrite without ``--overwrite``) and prints the Markdown table. Training states are saved every
@@ -41,7 +46,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from experiments import common
+from experiments import cli, common, data_flags
 from fairopt import data, losses, metrics, models
 from fairopt.solvers import constrained
 from fairopt.solvers.erm import erm
@@ -56,7 +61,8 @@ OPTIMIZERS = ("adam", "sgd")
 
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
-flags.DEFINE_enum("dataset", "adult", DATASETS, "Dataset (protected attribute: sex for adult/german, Male for celeba_attributes).")
+flags.DEFINE_enum("dataset", "adult", DATASETS, "Built-in dataset (protected attribute: sex for adult/german, Male for celeba_attributes; see --group), or --data=PATH.csv.")
+data_flags.define_data_flags()  # --data, --label, --group, --features, --positive, --impute, --drop_missing...
 flags.DEFINE_list("method", list(DEFAULT_METHODS), f"Methods, comma-separated, any of: {', '.join(METHODS)}.")
 flags.DEFINE_list("constraint", ["deo"], f"Constraints, comma-separated, any of: {', '.join(constrained.CONSTRAINTS)}.")
 flags.DEFINE_float("eta", 0.1, "Dual step / augmentation weight eta (official FairALM: 20 on CelebA images).", lower_bound=0.0)
@@ -99,7 +105,9 @@ def parse_eta_grid(values) -> tuple[float, ...]:
 
 def setup(argv):
     """Validate every flag and open the checkpoints; errors become usage errors (one line, no
-    traceback, exit code 1). Returns ``(seeds, methods, eta grid, results stem, checkpoints)``."""
+    traceback, exit code 1). Returns ``(seeds, methods, eta grid, results stem, checkpoints)``
+    and sets :data:`DESCRIBED`."""
+    global DESCRIBED
     try:
         if len(argv) > 1:
             raise ValueError(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
@@ -113,12 +121,10 @@ def setup(argv):
         for name in ("learning_rate", "dro_step_size"):
             if not FLAGS[name].value > 0:
                 raise ValueError(f"--{name} must be > 0, got {FLAGS[name].value}")
-        stem = f"fairalm_{FLAGS.dataset}"
+        # The data are there, readable and splittable (parsed once: the CSV is cached for the runs).
+        DESCRIBED = data_flags.check_data_flags(FLAGS, default_dataset=FLAGS.dataset, seeds=seeds, prepare=split)
+        stem = f"fairalm_{DESCRIBED['name']}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
-        try:  # the data are there and readable (parsed once: the CSV is cached for the runs)
-            common.FAIRNESS_LOADERS[FLAGS.dataset]()
-        except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
-            raise ValueError(f"--dataset={FLAGS.dataset}: {error}") from None
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
@@ -180,8 +186,16 @@ def evaluate_split(solver, state, split: data.Dataset) -> dict[str, float]:
     return row
 
 
+DESCRIBED: dict = {}  # the data of this run (experiments.data_flags), set by setup
+
+
+def split(dataset: data.Dataset, seed: int) -> data.Splits:
+    return data.split(dataset, seed=seed)
+
+
 def prepare(seed: int) -> data.Splits:
-    return data.standardize(data.split(common.FAIRNESS_LOADERS[FLAGS.dataset](), seed=seed))
+    dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seed)
+    return data.standardize(split(dataset, seed))
 
 
 class Runner:
@@ -240,7 +254,7 @@ class Runner:
 
 def select_eta(runner: Runner, seed: int, methods, grid):
     """Per-method eta on the validation split (see module docstring); returns choices and rows."""
-    progress = Progress(f"eta-grid:{FLAGS.dataset}", (1 + len(grid) * len(methods)) * FLAGS.epochs,
+    progress = Progress(f"eta-grid:{DESCRIBED.get('name', FLAGS.dataset)}", (1 + len(grid) * len(methods)) * FLAGS.epochs,
                         every=FLAGS.epochs)
     reference = runner.run("grid_unconstrained", "unconstrained", seed, None, progress, evaluate_on="val")
     rows = [reference]
@@ -281,7 +295,7 @@ def train_all(runner: Runner, seeds, methods, grid):
         etas.update(chosen)
         print(f"chosen eta per method (validation, seed {seeds[0]}): {chosen}", file=sys.stderr, flush=True)
     rows = []
-    progress = Progress(f"fairalm:{FLAGS.dataset}", len(seeds) * len(methods) * FLAGS.epochs, every=FLAGS.epochs)
+    progress = Progress(f"fairalm:{DESCRIBED.get('name', FLAGS.dataset)}", len(seeds) * len(methods) * FLAGS.epochs, every=FLAGS.epochs)
     for seed in seeds:
         for method in methods:
             row = runner.run(f"{method}_seed{seed}", method, seed, etas.get(method), progress, evaluate_on="test")
@@ -300,7 +314,7 @@ def write(rows, etas, grid_rows, total_seconds, seeds, methods, stem):
     columns = ["accuracy", "deo_gap", *fnr_columns, "dp_gap", "eo_gap", "seconds"]
     summary = common.summarize(rows, by="method", columns=columns)
     lines = [
-        f"# FairALM baselines on {FLAGS.dataset} (constraint {'+'.join(FLAGS.constraint)}; "
+        f"# FairALM baselines on {data_flags.describe(DESCRIBED) if DESCRIBED else FLAGS.dataset} (constraint {'+'.join(FLAGS.constraint)}; "
         f"{len(seeds)} seeds: {', '.join(map(str, seeds))})\n",
         f"eta per method: {', '.join(f'{m}={etas[m]:g}' for m in methods if m in ETA_METHODS) or 'n/a'}; "
         f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, {FLAGS.optimizer} lr {FLAGS.learning_rate:g}, "
@@ -326,6 +340,7 @@ def write(rows, etas, grid_rows, total_seconds, seeds, methods, stem):
         eta_per_method={m: etas[m] for m in methods if m in ETA_METHODS},
         eta_grid_rows=grid_rows,
         total_seconds=total_seconds,
+        data=DESCRIBED,
     )
     targets = common.write_results(
         FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite
@@ -335,4 +350,4 @@ def write(rows, etas, grid_rows, total_seconds, seeds, methods, stem):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
