@@ -656,9 +656,9 @@ def from_csv(
 def check_group_sizes(dataset: Dataset, minimum: int, *, purpose: str = "the train/validation/test split") -> None:
     """Raises ValueError naming every group with fewer than ``minimum`` rows (and its count)."""
     counts = dataset.group_counts
-    small = [g for g in np.argsort(counts, kind="stable") if counts[g] < minimum]
+    small = [int(g) for g in np.argsort(counts, kind="stable") if counts[g] < minimum]
     if small:
-        listed = ", ".join(f"{dataset.group_names[g]!r} ({counts[g]} row{'s' * (counts[g] != 1)})" for g in small[:8])
+        listed = ", ".join(f"{dataset.group_names[g]!r} ({int(counts[g])} row{'s' * int(counts[g] != 1)})" for g in small[:8])
         more = f" and {len(small) - 8} more" if len(small) > 8 else ""
         raise ValueError(
             f"{dataset.name}: {len(small)} group{'s' * (len(small) > 1)} {'have' if len(small) > 1 else 'has'} too few rows "
