@@ -68,9 +68,17 @@ _CELEBA_TARGETS = {"celeba_attributes": "Attractive", "celeba_blond": "Blond_Hai
 
 
 def define_data_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines the data flags on ``flag_values`` (once; a second call does nothing)."""
-    if "data" in flag_values:
-        return
+    """Defines the data flags on ``flag_values`` (once; a later call only does the next step) and
+    makes them key flags of the calling module, so that its ``--helpshort`` lists them."""
+    caller = sys._getframe(1).f_globals.get("__name__")
+    if "data" not in flag_values:
+        _define(flag_values)
+    module = sys.argv[0] if caller == "__main__" else caller  # absl's name of the main module
+    for name in DATA_FLAGS:
+        flag_values.register_key_flag_for_module(module, flag_values[name])
+
+
+def _define(flag_values: flags.FlagValues) -> None:
     options = dict(flag_values=flag_values)
     flags.DEFINE_string("data", None, "Your own table: a CSV file with a header row (with --label and --group).", **options)
     flags.DEFINE_string("label", None, "--data: the column to predict.", **options)
@@ -212,7 +220,7 @@ def load_from_flags(flag_values, *, default_dataset: str, seed: int) -> tuple[da
                 f"--group={','.join(flag_values.group)}: every row of {flag_values.data} has the same value "
                 f"({dataset.group_names[0]}); fairness needs at least two groups"
             )
-        data.check_group_sizes(dataset, MIN_GROUP_ROWS)
+        data.check_group_sizes(dataset.replace(name=str(flag_values.data)), MIN_GROUP_ROWS)
         name = _safe_name(dataset.name)
         description = dict(
             source="csv", name=name, path=info["path"], label=info["label"], group_columns=info["groups"],

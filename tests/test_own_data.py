@@ -239,6 +239,13 @@ def flag_values(*argv, dataset="credit"):
     return values
 
 
+def test_data_flags_are_key_flags_of_the_entry_point():
+    """--helpshort (the usage errors' hint) lists the flags of the main module: the data flags
+    are declared key flags of the module that calls define_data_flags."""
+    helpshort = flag_values().module_help(__name__)
+    assert all(f"  --{name}:" in helpshort for name in ("data", "label", "group", "features", "positive", "impute", "drug_path"))
+
+
 def test_data_flags_describe_the_table_and_refuse_bad_combinations(tmp_path):
     path = write(tmp_path / "loans.csv", table())
     values = flag_values(f"--data={path}", "--label=outcome", "--group=sex,race", "--positive=yes")
@@ -360,7 +367,7 @@ def test_bad_tables_on_the_command_line_exit_nonzero_with_one_line_and_no_traceb
         (argv(paths["good"], group="sex,Race"), r"group column 'Race' not found \(did you mean 'race'\?.*The table has the columns: age, income"),
         (argv(paths["holes"]), r"column 'income' has 2 missing values \(lines 5, 9\).*--impute=median.*--drop_missing"),
         (argv(paths["single"]), r"label column 'outcome' has a single class \('no' in all 160 rows\)"),
-        (argv(paths["small"]), r"too few rows for the train/validation/test split.*'sex=\w+\|race=Other' \(\d rows?\)"),
+        (argv(paths["small"]), r"small\.csv: 2 groups have too few rows for the train/validation/test split.*'sex=\w+\|race=Other' \(\d rows?\)"),
         (argv(paths["junk"]), r"column 'income' is numeric but has 1 non-numeric value, e\.g\. '\?' \(line 14\)"),
         (argv(tmp_path / "empty.csv"), r"empty\.csv is empty \(0 bytes\)"),
         (argv(tmp_path / "book.csv"), r"book\.csv is not a CSV file: it looks like a zip archive"),
