@@ -142,6 +142,13 @@ def test_missing_values_are_an_error_unless_imputed_or_dropped(tmp_path):
         data.from_csv(write(tmp_path / "u.csv", frame), label="outcome", groups=["sex"], impute="median")
 
 
+def test_boolean_column_with_missing_values_stays_categorical(tmp_path):
+    (tmp_path / "b.csv").write_text("member,y,g\nTrue,1,a\n,0,b\nFalse,1,a\nTrue,0,b\n")  # read as objects
+    dataset = data.from_csv(tmp_path / "b.csv", label="y", groups="g", impute="median")
+    assert dataset.feature_names == ("member=False", "member=True")
+    np.testing.assert_array_equal(dataset.features, [[0, 1], [0, 1], [1, 0], [0, 1]])  # the hole: most frequent True
+
+
 def test_single_class_label_is_an_error():
     frame = table().assign(outcome="yes")
     with pytest.raises(ValueError, match=r"label column 'outcome' has a single class \('yes' in all 160 rows\)"):

@@ -522,6 +522,8 @@ def _feature_kind(column, values: pd.Series, categorical, source, locate, positi
     dtype = values.dtype
     if column in categorical or _is_bool(values) or isinstance(dtype, pd.CategoricalDtype):
         return "categorical", None
+    if pd.api.types.is_object_dtype(dtype) and pd.api.types.infer_dtype(values, skipna=True) == "boolean":
+        return "categorical", None  # a boolean column with missing values is read as objects
     if pd.api.types.is_complex_dtype(dtype) or pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype) or isinstance(dtype, (pd.PeriodDtype, pd.IntervalDtype)):
         raise ValueError(
             f"{source}: column {column!r} has type {dtype}, which is neither a number nor a category; convert it "
