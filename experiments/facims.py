@@ -8,6 +8,10 @@ per education group, the 400-200-100 ELU MLP, 50 rounds, seeds 0, 42, 666, 777, 
     python -m experiments.facims --methods=facims,facims_i,facims_ii,fams,erm,berm
     python -m experiments.facims --dataset=drug --drug_path=../shared/data/drug_consumption.csv
     python -m experiments.facims --grid=alpha_low=0.1,0.4,0.7,1.0 --seeds=0,42 --select=val_balanced_accuracy
+    python -m experiments.facims --data=loans.csv --label=default --group=sex,race --methods=facims,erm
+
+Your own CSV (``--data``, ``--label``, ``--group``...) or another sensitive attribute of a built-in
+dataset (``--group``): see ``experiments/data_flags.py``.
 
 Every field of :class:`fairopt.solvers.facims.FacimsConfig` is a flag of the same name (the
 config is the one place where defaults live). ``--grid=NAME=v1,v2,...`` (repeatable) sweeps
@@ -38,7 +42,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from experiments import common, sklearn_reference
+from experiments import cli, common, data_flags, sklearn_reference
 from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
 from fairopt import data, losses, models, sweep
 from fairopt.solvers.erm import erm
@@ -50,14 +54,14 @@ DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", 
 
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
-flags.DEFINE_enum("dataset", "credit", DATASETS, "Dataset to run on.")
+flags.DEFINE_enum("dataset", "credit", DATASETS, "Built-in dataset to run on (or --data=PATH.csv).")
 flags.DEFINE_list("methods", ["facims"], f"Methods, any of {', '.join(METHODS + BASELINES)}.")
 flags.DEFINE_list("seeds", [str(s) for s in PAPER_SEEDS], "Random seeds.")
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 flags.DEFINE_integer("checkpoint_every", 10, "Save the training state every N rounds/epochs (0: never).", lower_bound=0)
 flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir>/checkpoints (same flags).")
-flags.DEFINE_string("drug_path", None, "Path of drug_consumption.csv (default: $FAIROPT_DRUG_CSV or ../shared/data).")
+data_flags.define_data_flags()  # --data, --label, --group, --features, --positive, --impute, --drop_missing, --drug_path...
 flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after resampling (0: no resampling).", lower_bound=0)
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 50, "Rows per group per step.", lower_bound=1)
@@ -78,14 +82,6 @@ REPORT_COLUMNS = (
     "sufficiency_gap_official",
     "sufficiency_gap",
 )
-
-
-def load_dataset(name: str, drug_path: str | None, seed: int) -> data.Dataset:
-    if name == "drug":
-        return data.drug(drug_path)
-    if name == "synthetic":
-        return data.synthetic_subgroups(seed=seed)
-    return data.load(name)
 
 
 def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[data.Splits, data.Dataset]:
@@ -117,7 +113,7 @@ class SeedData:
     """Everything a seed's runs share: splits, the counts that set the loss, grouped arrays."""
 
     def __init__(self, seed: int):
-        dataset = load_dataset(FLAGS.dataset, FLAGS.drug_path, seed)
+        dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seed)
         self.splits, self.original_train = prepare(dataset, seed, FLAGS.samples_per_group)
         # One padded size for every seed (the dataset's largest group; padding is never sampled),
         # so that the seeds' arrays stack into one vmapped program.
@@ -256,17 +252,15 @@ def setup(argv):
             metric, _ = common.metric_direction(FLAGS.select)
             if not metric.startswith("val_"):
                 raise ValueError(f"--select={FLAGS.select}: choose with a validation metric (val_...), never a test one")
-        stem = f"facims_{FLAGS.dataset}"
+        described = data_flags.check_data_flags(  # the data load and split for every seed, or a usage error
+            FLAGS, default_dataset=FLAGS.dataset, seeds=seeds, prepare=lambda d, s: prepare(d, s, FLAGS.samples_per_group)
+        )
+        stem = f"facims_{described['name']}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
-        if FLAGS.dataset == "drug":  # a missing or malformed file is a usage error, not a traceback later
-            try:
-                data.drug(FLAGS.drug_path)
-            except (FileNotFoundError, ValueError) as error:
-                raise ValueError(f"--drug_path: {error}") from None
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
     except (ValueError, TypeError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
-    return seeds, settings, stem, checkpoints
+    return seeds, settings, stem, checkpoints, described
 
 
 def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
@@ -318,13 +312,13 @@ def selected_rows(rows, columns) -> tuple[list[dict], str]:
 
 
 def main(argv):
-    seeds, settings, stem, checkpoints = setup(argv)
+    seeds, settings, stem, checkpoints, described = setup(argv)
     common.enable_compilation_cache()
     rows = checkpoints.finished_runs()
     finished = {(row["method"], row["setting"], row["seed"]) for row in rows}
     facims_methods = [m for m in FLAGS.methods if m in METHODS]
     total = len(seeds) * FLAGS.epochs * (len(settings) * len(facims_methods) + len(FLAGS.methods) - len(facims_methods))
-    progress = Progress(f"facims:{FLAGS.dataset}", total, every=max(1, total // 10))
+    progress = Progress(f"facims:{described['name']}", total, every=max(1, total // 10))
     progress.update(len(finished) * FLAGS.epochs)
     for method in FLAGS.methods:
         if method in METHODS:
@@ -352,9 +346,9 @@ def main(argv):
     columns = [c for c in REPORT_COLUMNS if c in rows[0]] + recall_columns + ["seconds"]
     chosen, selection_notes = selected_rows(rows, columns)
     summary = common.summarize(rows + chosen, by="run", columns=columns + ["val_balanced_accuracy"])
-    paper = PAPER_FACIMS_CREDIT if FLAGS.dataset == "credit" and not FLAGS.grid else None
+    paper = PAPER_FACIMS_CREDIT if described["name"] == "credit" and described["source"] == "builtin" and not FLAGS.grid else None
     markdown = (
-        f"# FACIMS on {FLAGS.dataset} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n\n"
+        f"# FACIMS on {data_flags.describe(described)} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n\n"
         + common.markdown_table(summary, columns + ["val_balanced_accuracy"], paper=paper, index_name="run")
         + (f"\nSelected on the validation split only (test numbers read once):\n\n{selection_notes}" if chosen else "")
     )
@@ -363,6 +357,7 @@ def main(argv):
         facims=dataclasses.asdict(facims_config(facims_methods[0] if facims_methods else "facims")),
         grid={name: values for name, values in common.parse_grid(FLAGS.grid, FacimsConfig).items()},
         compiled_rounds=compile_counts(),
+        data=described,
     )
     targets = common.write_results(
         FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite
@@ -372,4 +367,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

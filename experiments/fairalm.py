@@ -35,6 +35,8 @@ accuracy is within ``--max_accuracy_drop`` of the unconstrained model's (a varia
 paper's NVP rule); the table then reports every seed's test numbers at that eta.
 
     python -m experiments.fairalm --dataset=adult --seeds=0,1,2
+    python -m experiments.fairalm --dataset=adult --group=sex,race            # intersectional groups
+    python -m experiments.fairalm --data=loans.csv --label=default --group=sex --positive=yes
     python -m experiments.fairalm --dataset=celeba_attributes --methods=unconstrained,fairalm \
         --constraint=deo --eta=0.1 --epochs=3
     python -m experiments.fairalm --dataset=german --methods=fairalm --seeds=0,1,2 \
@@ -61,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import cli, common, data_flags
 from fairopt import data, losses, metrics, models, sweep
 from fairopt.solvers import constrained
 from fairopt.solvers.constrained import FairnessConfig
@@ -87,7 +89,8 @@ METHOD_FIELDS = {
 
 FLAGS = flags.FLAGS
 _ABSL_FLAGS = set(FLAGS)  # flags defined by absl itself, before this module's
-flags.DEFINE_enum("dataset", "adult", DATASETS, "Dataset (protected attribute: sex for adult/german, Male for celeba_attributes).")
+flags.DEFINE_enum("dataset", "adult", DATASETS, "Built-in dataset (protected attribute: sex for adult/german, Male for celeba_attributes; see --group), or --data=PATH.csv.")
+data_flags.define_data_flags()  # --data, --label, --group, --features, --positive, --impute, --drop_missing...
 flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Methods, comma-separated, any of: {', '.join(METHODS)}.")
 CONFIG_FLAGS = common.define_config_flags(FairnessConfig)
 SWEEP_FLAGS = common.define_sweep_flags()
@@ -165,12 +168,12 @@ def setup(argv):
         for method in methods:  # every setting of the grid is valid (ValueError naming the field)
             for setting in method_settings(method, grid):
                 dataclasses.replace(config, **setting)
-        stem = f"fairalm_{FLAGS.dataset}"
+        # The data are there, readable and splittable (parsed once: the CSV is cached for the runs).
+        DESCRIBED.clear()
+        DESCRIBED.update(data_flags.check_data_flags(FLAGS, default_dataset=FLAGS.dataset, seeds=seeds, prepare=split))
+        stem = f"fairalm_{DESCRIBED['name']}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
-        try:  # the data are there and readable (parsed once: the CSV is cached for the runs)
-            dataset = common.FAIRNESS_LOADERS[FLAGS.dataset]()
-        except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
-            raise ValueError(f"--dataset={FLAGS.dataset}: {error}") from None
+        dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seeds[0])
         if FLAGS.select:
             metric, _ = common.metric_direction(FLAGS.select)
             known = [f"val_{name}" for name in EVALUATED] + [f"val_fnr_{name}" for name in dataset.group_names]
@@ -179,7 +182,7 @@ def setup(argv):
             if metric not in known:
                 raise ValueError(f"--select: no metric {metric!r}; validation metrics: {', '.join(known)}")
         if config.positive_class >= dataset.num_classes:
-            raise ValueError(f"--positive_class={config.positive_class} but {FLAGS.dataset} has {dataset.num_classes} classes")
+            raise ValueError(f"--positive_class={config.positive_class} but {DESCRIBED['name']} has {dataset.num_classes} classes")
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
     except (ValueError, FileExistsError) as error:
         raise app.UsageError(str(error)) from None
@@ -244,9 +247,17 @@ def evaluate_split(solver, state, split: data.Dataset) -> dict[str, float]:
     return row
 
 
+DESCRIBED: dict = {}  # the data of this run (experiments.data_flags), filled by setup
+
+
+def split(dataset: data.Dataset, seed: int) -> data.Splits:
+    return data.split(dataset, seed=seed)
+
+
 @functools.lru_cache(maxsize=None)
 def prepare(seed: int) -> data.Splits:
-    return data.standardize(data.split(common.FAIRNESS_LOADERS[FLAGS.dataset](), seed=seed))
+    dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seed)
+    return data.standardize(split(dataset, seed))
 
 
 def sweep_epoch_fn(step, *, num_rows: int, batch_size: int):
@@ -439,7 +450,7 @@ def train_all(checkpoints, seeds, methods, grid, eta_grid):
         trained.insert(0, "unconstrained")  # the reference of the eta rule
     plans = {method: method_settings(method, grid) for method in trained}
     total = sum(len(settings) for settings in plans.values()) * len(seeds) * FLAGS.epochs
-    progress = Progress(f"fairalm:{FLAGS.dataset}", total, every=FLAGS.epochs)
+    progress = Progress(f"fairalm:{DESCRIBED.get('name', FLAGS.dataset)}", total, every=FLAGS.epochs)
     rows = []
     for method in trained:
         method_rows = run_method(method, plans[method], seed_data, checkpoints, progress, finished)
@@ -494,7 +505,7 @@ def write(rows, etas, grid_rows, total_seconds, seeds, methods, grid, eta_grid, 
     summary = common.summarize(table_rows, by="label", columns=["val_accuracy", "val_deo_gap", *columns])
     shown = (["val_accuracy", "val_deo_gap"] if swept else []) + columns
     lines = [
-        f"# FairALM baselines on {FLAGS.dataset} (constraint {FLAGS.constraint}; "
+        f"# FairALM baselines on {data_flags.describe(DESCRIBED) if DESCRIBED else FLAGS.dataset} (constraint {FLAGS.constraint}; "
         f"{len(seeds)} seeds: {', '.join(map(str, seeds))})\n",
         f"{'flags (the grid overrides them): ' if swept else ''}"
         f"eta per method: {', '.join(f'{m}={etas[m]:g}' for m in methods if m in ETA_METHODS) or 'n/a'}; "
@@ -528,6 +539,7 @@ def write(rows, etas, grid_rows, total_seconds, seeds, methods, grid, eta_grid, 
         selected=selected,
         compiled_epochs={"|".join(map(str, k[:2])): fn._cache_size() for k, fn in EPOCH_FNS.items()},
         total_seconds=total_seconds,
+        data=dict(DESCRIBED),
     )
     for row in rows:
         row.pop("label", None)
@@ -539,4 +551,4 @@ def write(rows, etas, grid_rows, total_seconds, seeds, methods, grid, eta_grid, 
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,7 +13,7 @@ Suites (each runs the experiments of one issue, then builds its tables and figur
   main table's alpha_low = 0.7 runs on the same seeds are added as a fifth point). Table with
   the paper's Table 2 columns, Fig. 2 box view, Fig. 3 curve.
 * ``facims_drug`` — FACIMS, ERM, BERM on drug consumption (3 seeds); needs the CSV
-  (``--drug_path``, ``$FAIROPT_DRUG_CSV`` or ``../shared/data/drug_consumption.csv``) and stops
+  (``--drug_path`` or ``$FAIROPT_DRUG_CSV``; no location is assumed) and stops
   before any work with a clear message if it is missing.
 * ``autobalance_longtail`` — ``experiments.autobalance --suite=longtail`` (Table 1 rows on
   digits_lt and synthetic_lt, 3 seeds) and the Fig. 3 trajectories of the learnt l and Delta.
@@ -204,7 +204,7 @@ flags.DEFINE_integer("epochs", None, "Epochs of every experiment (overrides the 
 flags.DEFINE_list("alpha_lows", list(ALPHA_LOWS), "alpha_low values of the FACIMS Fig. 3 sweep.")
 flags.DEFINE_list("pareto_lambdas", list(PARETO_LAMBDAS), "lambda values of the AutoBalance Fig. 5 Pareto fronts.")
 flags.DEFINE_string("docs", "docs/results.md", "The generated Markdown; figures go to <its folder>/figures/.")
-flags.DEFINE_string("drug_path", None, "drug_consumption.csv for facims_drug (default: $FAIROPT_DRUG_CSV or ../shared/data).")
+flags.DEFINE_string("drug_path", None, "drug_consumption.csv for facims_drug (default: $FAIROPT_DRUG_CSV).")
 flags.DEFINE_bool("overwrite", False, "Replace existing tables, figures and docs sections (and results run with other settings).")
 flags.DEFINE_bool("retrain", False, "Train again even where results with the same command exist (needs --overwrite).")
 
@@ -538,7 +538,7 @@ def pareto_points(plan: Plan, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _drug_csv() -> Path | None:
-    candidates = [FLAGS.drug_path, os.environ.get("FAIROPT_DRUG_CSV"), REPO.parent / "shared" / "data" / "drug_consumption.csv"]
+    candidates = [FLAGS.drug_path, os.environ.get("FAIROPT_DRUG_CSV")]  # the experiments inherit the variable
     for candidate in candidates:
         if candidate:
             return Path(candidate)

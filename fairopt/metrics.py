@@ -48,7 +48,13 @@ an all-False mask) gives 0 for every metric.
 Compilation: each public function calls a jitted core whose only static arguments are sizes
 (K, G, bins); the option strings become traced int32 indices (every reduction is computed and
 one selected) and a missing mask becomes an all-True one, so switching options or masking never
-recompiles. Shapes do: reuse shapes (pad with ``mask``) in loops.
+recompiles. Row counts do not either: concrete (host-side) inputs are padded to a size bucket
+(:func:`row_bucket`: at least 1,024 rows, then 1.5 * 2^k and 2^k, so at most 50 % padding) with
+mask rows that are False, which no metric counts. A process therefore compiles at most two
+programs per doubling of the largest row count it sees (23 buckets up to 2^21 rows) per (function,
+K, G, bins), instead of one per distinct row count. The fairlearn-style entry points also round
+the number of groups up to a power of two (the extra groups are empty, hence skipped). Inputs
+traced by ``jit`` / ``vmap`` are not padded: their shapes are the caller's.
 
 Validation: the public functions check shapes and options always and, when the inputs are
 concrete (not traced by jit/vmap), also values (label/group ranges, NaN and out-of-range
@@ -77,6 +83,8 @@ import numpy as np
 __all__ = [
     "REDUCTIONS",
     "SCORES",
+    "MIN_ROW_BUCKET",
+    "row_bucket",
     "CLASS_REDUCTIONS",
     "LABEL_REDUCTIONS",
     "FAIRLEARN_METHODS",
@@ -107,6 +115,8 @@ CLASS_REDUCTIONS = ("max", "mean")
 LABEL_REDUCTIONS = ("mean", "max")
 FAIRLEARN_METHODS = ("between_groups", "to_overall")
 OFFICIAL_NUM_BINS = 5
+#: The smallest padded row count (see :func:`row_bucket`).
+MIN_ROW_BUCKET = 1024
 _PROBABILITY_TOLERANCE = 1e-5
 _FLOAT = jnp.float32
 
@@ -165,8 +175,43 @@ def _check_integer_vector(name: str, x: Any, length: int, upper: int, what: str)
     return x
 
 
+def row_bucket(num_rows: int) -> int:
+    """The padded size of ``num_rows`` rows: :data:`MIN_ROW_BUCKET` (1,024), else the smallest of
+    ``1.5 * 2^k`` and ``2^k`` that holds them (1,536, 2,048, 3,072, 4,096, 6,144, ...)."""
+    if num_rows <= MIN_ROW_BUCKET:
+        return MIN_ROW_BUCKET
+    power = 1 << (int(num_rows) - 1).bit_length()  # the smallest power of two >= num_rows
+    return 3 * power // 4 if 3 * power // 4 >= num_rows else power
+
+
+def _pad_rows(probs, labels, groups, mask):
+    """Concrete inputs as numpy arrays padded to :func:`row_bucket` rows, padding masked out
+    (zeros, group 0, mask False). Built on the host, so padding itself compiles nothing."""
+    n = probs.shape[0]
+    size = row_bucket(n)
+
+    def pad(array, dtype):
+        array = np.asarray(array, dtype=dtype)
+        out = np.zeros((size,) + array.shape[1:], dtype)
+        out[:n] = array
+        return out
+
+    probs_dtype = np.asarray(probs).dtype
+    if probs.ndim == 1 or probs_dtype == np.bool_:
+        probs_dtype = np.int32 if probs.ndim == 1 else np.float32
+    padded_mask = np.zeros(size, bool)
+    padded_mask[:n] = True if mask is None else np.asarray(mask).astype(bool)
+    return (
+        pad(probs, probs_dtype),
+        pad(labels, np.int32),
+        None if groups is None else pad(groups, np.int32),
+        padded_mask,
+    )
+
+
 def _prepare(probs, labels, groups, mask, num_classes, num_groups, *, needs_groups: bool = True):
-    """Validates the public inputs and returns jnp arrays (concrete) or the tracers unchanged."""
+    """Validates the public inputs and returns jnp arrays (concrete: padded to a row bucket) or
+    the tracers unchanged."""
     num_classes = _check_count("num_classes", num_classes, 2)
     if needs_groups:
         num_groups = _check_count("num_groups", num_groups, 2)
@@ -202,6 +247,11 @@ def _prepare(probs, labels, groups, mask, num_classes, num_groups, *, needs_grou
                 raise TypeError(f"mask must be boolean (got dtype {dtype}); pass mask.astype(bool).")
             if not _is_traced(mask) and np.any((np.asarray(mask) != 0) & (np.asarray(mask) != 1)):
                 raise ValueError("mask must hold only 0/1 (True/False) values; pass mask.astype(bool).")
+    if not any(_is_traced(a) for a in (probs, labels, groups, mask)):
+        probs, labels, groups, mask = _pad_rows(probs, labels, groups if needs_groups else None, mask)
+        groups = jnp.asarray(groups) if needs_groups else groups
+        return jnp.asarray(probs), jnp.asarray(labels), groups, jnp.asarray(mask), num_classes, num_groups
+    if mask is not None:
         mask = jnp.asarray(mask).astype(bool)
     else:  # always pass an array: one compiled function serves masked and unmasked calls
         mask = jnp.ones(probs.shape[:1], bool)
@@ -920,6 +970,8 @@ def report_arrays(probs, labels, groups, *, num_classes: int, num_groups: int, m
         raise ValueError(f"probs must be [n, num_classes={num_classes}] or [n] (got shape {probs.shape}); use jax.vmap for a batch of models.")
     if labels.shape != probs.shape[:1] or groups.shape != probs.shape[:1] or (mask is not None and jnp.shape(mask) != probs.shape[:1]):
         raise ValueError(f"labels, groups (and mask) must be [n={probs.shape[0]}] (got {labels.shape}, {groups.shape}).")
+    if not any(_is_traced(a) for a in (probs, labels, groups, mask)) and probs.shape[0] != row_bucket(probs.shape[0]):
+        probs, labels, groups, mask = (jnp.asarray(a) for a in _pad_rows(probs, labels, groups, mask))  # bounded compiles
     mask = jnp.ones(probs.shape[:1], bool) if mask is None else jnp.asarray(mask).astype(bool)
     return _report_arrays_jit(
         probs, labels.astype(jnp.int32), groups.astype(jnp.int32), mask,
@@ -1024,9 +1076,10 @@ def _fairlearn_inputs(y_true, y_pred, sensitive_features, method, check_y_true=T
     if labels.shape != predictions.shape:
         raise ValueError(f"y_true and y_pred must have the same length (got {labels.shape[0]} and {predictions.shape[0]}).")
     groups, num_groups = _encode_sensitive_features(sensitive_features, labels.shape[0])
-    # A single observed group has nothing to compare; pad to two groups (the empty one is skipped).
+    # A single observed group has nothing to compare; pad to two groups (the empty one is skipped),
+    # and to a power of two in general, so few group counts are compiled (empty groups are skipped).
     reduce = "between_groups" if method == "between_groups" else "max"
-    return predictions, labels, groups, max(num_groups, 2), reduce
+    return predictions, labels, groups, 1 << max(num_groups - 1, 1).bit_length(), reduce
 
 
 def demographic_parity_difference(y_true, y_pred, *, sensitive_features, method: str = "between_groups") -> float:

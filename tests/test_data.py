@@ -190,10 +190,11 @@ def _write_drug_csv(path: Path, education=(1, 7), alcohol=(0, 3)) -> Path:
 
 
 def test_drug_path_resolution_environment_then_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(tabular, "_default_drug_path", lambda: tmp_path / "absent.csv")
     monkeypatch.delenv(tabular.DRUG_CSV_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match=r"drug\(path=.*FAIROPT_DRUG_CSV"):
+    monkeypatch.chdir(tmp_path)  # no location is assumed, whatever the working directory
+    with pytest.raises(FileNotFoundError, match=r"not shipped with fairopt.*drug\(path=.*FAIROPT_DRUG_CSV"):
         data.drug()
+    assert not hasattr(tabular, "_default_drug_path")
     monkeypatch.setenv(tabular.DRUG_CSV_ENV, str(_write_drug_csv(tmp_path / "d.csv")))
     drug = data.drug()
     np.testing.assert_array_equal(drug.groups, [0, 6])

@@ -536,3 +536,49 @@ def test_property_invariant_to_renaming_classes(inputs, permutation):
         assert renamed[f"recall_{permutation[k]}"] == pytest.approx(original[f"recall_{k}"], abs=1e-6)
     symmetric = {key: value for key, value in original.items() if not key.startswith("recall_")}
     chex.assert_trees_all_close({key: renamed[key] for key in symmetric}, symmetric, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Size buckets: a process compiles a bounded number of programs whatever row counts it sees
+# --------------------------------------------------------------------------------------------
+
+
+def test_row_buckets_hold_the_rows_with_at_most_half_padding():
+    assert [metrics.row_bucket(n) for n in (0, 1, 1024, 1025, 1536, 1537, 2049, 10_000)] == [
+        1024, 1024, 1024, 1536, 1536, 2048, 3072, 12_288,
+    ]
+    for n in range(1025, 70_000, 7):
+        bucket = metrics.row_bucket(n)
+        assert n <= bucket <= 1.5 * n and metrics.row_bucket(bucket) == bucket
+    assert len({metrics.row_bucket(n) for n in range(1, 2**21 + 1, 97)}) == 23  # 2^10, then 1.5 * 2^k and 2^(k+1)
+
+
+def test_many_row_counts_compile_a_bounded_number_of_programs():
+    """300 different row counts in one process (each used to compile a new program, 1.2-1.5 s,
+    until the interpreter ran out of code memory): report and equal_opportunity_difference now
+    compile one program per size bucket (1..1536 rows: the buckets 1024 and 1536), and the
+    masked padding leaves the values as fairlearn / sklearn compute them on the rows themselves."""
+    rng = np.random.default_rng(0)
+    sizes = rng.choice(np.arange(1, 1537), size=300, replace=False)
+    cores = (metrics._report_arrays_jit, metrics._deo_gap_jit)
+    before = [core._cache_size() for core in cores]
+    for i, n in enumerate(sizes):
+        probs = rng.dirichlet(np.ones(2), n).astype(np.float32)
+        labels, groups = rng.integers(0, 2, n), rng.integers(0, 3, n)
+        mask = rng.random(n) < 0.8 if i % 2 else None
+        values = metrics.report(probs, labels, groups, num_classes=2, num_groups=3, mask=mask,
+                                reduce="between_groups", label_reduce="max")
+        names = np.array(["a", "b", "c"])[groups]
+        gap = metrics.equal_opportunity_difference(labels, probs.argmax(1), sensitive_features=names)
+        if i % 50 in (0, 1) and n >= 200:  # the padded rows change nothing: fairlearn / sklearn on the rows themselves
+            keep = np.ones(n, bool) if mask is None else mask
+            y, predicted, sensitive = labels[keep], probs.argmax(1)[keep], names[keep]
+            assert values["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted), abs=1e-6)
+            assert values["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, predicted), abs=1e-6)
+            assert values["dp_gap"] == pytest.approx(fl.demographic_parity_difference(y, predicted, sensitive_features=sensitive), abs=1e-6)
+            assert values["eo_gap"] == pytest.approx(fl.equalized_odds_difference(y, predicted, sensitive_features=sensitive), abs=1e-6)
+            assert gap == pytest.approx(fl.equal_opportunity_difference(labels, probs.argmax(1), sensitive_features=names), abs=1e-6)
+    compiled = [core._cache_size() - b for core, b in zip(cores, before)]
+    # report: one program per bucket; deo: per (bucket, group count rounded to a power of two: 2 or 4)
+    assert compiled[0] <= 2, compiled
+    assert compiled[1] <= 2 * 2, compiled

@@ -10,13 +10,17 @@ Typical FACIMS pipeline (SPEC §7)::
     batch = data.sample_group_batch(key, grouped, 50)         # [G, 50, d] + mask, jit-able
     print(data.summary(train))
 
+    own = data.from_csv("table.csv", label="y", groups=["sex", "race"])   # your own data
+
 Modules: :mod:`~fairopt.data.dataset` (the container), :mod:`~fairopt.data.tabular` (real
 data), :mod:`~fairopt.data.synthetic` (generators), :mod:`~fairopt.data.splits`,
-:mod:`~fairopt.data.batching`, :mod:`~fairopt.data.registry` (:func:`load`).
+:mod:`~fairopt.data.batching`, :mod:`~fairopt.data.registry` (:func:`load`),
+:mod:`~fairopt.data.frames` (your own table: :func:`from_frame`, :func:`from_csv`).
 """
 
 from fairopt.data.batching import GroupBatch, GroupedArrays, group_arrays, sample_group_batch, sample_group_batches
 from fairopt.data.dataset import Dataset, Splits, summary
+from fairopt.data.frames import DataWarning, check_group_sizes, from_csv, from_frame, read_csv
 from fairopt.data.registry import DATASETS, load
 from fairopt.data.splits import (
     FeatureStatistics,
@@ -41,6 +45,11 @@ __all__ = [
     "Dataset",
     "Splits",
     "summary",
+    "from_frame",
+    "from_csv",
+    "read_csv",
+    "check_group_sizes",
+    "DataWarning",
     "load",
     "DATASETS",
     "credit",

@@ -438,11 +438,6 @@ DRUG_FEATURES = (
 DRUG_EDUCATION_NAMES = tuple(f"education {level}" for level in range(1, 8))
 
 
-def _default_drug_path() -> Path:
-    """``<repo root>/../shared/data/drug_consumption.csv`` (repo root = parent of ``fairopt/``)."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "drug_consumption.csv"
-
-
 def drug(path=None) -> Dataset:
     """UCI drug consumption (Fehrman et al. 2017) in the FACIMS preparation.
 
@@ -451,24 +446,21 @@ def drug(path=None) -> Dataset:
     ``id``, ``education`` and ``alcohol``: age, gender, neuroticism, extraversion, openness,
     agreeableness, conscientiousness, impulsiveness, sensation.
 
+    The file is not shipped with fairopt, and no location is assumed: it is ``path``, else the
+    environment variable ``FAIROPT_DRUG_CSV``.
+
     Args:
-      path: the CSV. If None: the environment variable ``FAIROPT_DRUG_CSV``, else
-        ``<repo root>/../shared/data/drug_consumption.csv``.
+      path: the CSV. If None: the environment variable ``FAIROPT_DRUG_CSV``.
 
     Raises:
       FileNotFoundError: no file was given or found (the message lists both options).
     """
     if path is None:
-        from_environment = os.environ.get(DRUG_CSV_ENV)
-        if from_environment:
-            path = from_environment
-        elif _default_drug_path().is_file():
-            path = _default_drug_path()
-        else:
+        path = os.environ.get(DRUG_CSV_ENV)
+        if not path:
             raise FileNotFoundError(
-                "drug_consumption.csv not found: pass drug(path=...) or set the environment variable "
-                f"{DRUG_CSV_ENV}=/path/to/drug_consumption.csv (also looked at {_default_drug_path()}); "
-                "the file is not shipped with fairopt"
+                "drug_consumption.csv is not shipped with fairopt: pass drug(path=...) (--drug_path on the command "
+                f"line) or set the environment variable {DRUG_CSV_ENV}=/path/to/drug_consumption.csv"
             )
     frame, source = _read_csv(path)
     _require_columns(frame, ("education", "alcohol", *DRUG_FEATURES), source)
