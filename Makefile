@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 EXTRAS ?= data,test,plot
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# The drug-consumption CSV is not shipped with fairopt; in this checkout it sits in ../shared/data.
+FAIROPT_DRUG_CSV ?= $(wildcard $(abspath ../shared/data/drug_consumption.csv))
+export FAIROPT_DRUG_CSV
 
 .PHONY: setup run test bench reproduce clean
 

@@ -54,8 +54,9 @@ Wall time with the default (full) settings on this project's machine (2-core AMD
 with other jobs), measured by the runs behind docs/results.md: the first number is a nearly idle
 machine (load ~1.5), the second the load average 4–8 seen during development (runs of the
 earlier, slower FACIMS round scaled by its per-round time). Compilation is included (each FACIMS
-method and each alpha_low value compiles for 1–1.5 min the first time; compiled programs are
-cached in ~/.cache/fairopt/jax, so a rerun of the same code compiles less).
+method compiles for 1–1.5 min the first time; the alpha_low sweep is one ``--grid`` program, since
+hyperparameters are data; compiled programs are cached in ~/.cache/fairopt/jax, so a rerun of the
+same code compiles less).
 
 ====================== ============================================================= ============
 suite                  what                                                          wall time
