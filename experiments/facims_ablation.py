@@ -12,7 +12,9 @@ them and never used to choose (SPEC / the developers' brief: results are earned 
     python -m experiments.facims_ablation --epochs=5 --seeds=0 --factors=w2 --hidden=16   # smoke
 
 The runs go to ``<output_dir>/<factor>/facims_<dataset>.json`` (a finished factor is reused when
-the command is run again, so an interrupted ablation continues); the report goes to ``--docs``
+the command is run again, so an interrupted ablation continues; the ``default`` folder may hold
+the results of a plain ``experiments.facims`` run with the same seeds, e.g. ``make run``'s, whose
+``facims`` rows are the reference); the report goes to ``--docs``
 (default ``docs/facims_ablation.md``): per factor the paired change in validation and test
 balanced accuracy and official-estimator SGap, and the rule the defaults follow: a factor is
 adopted only if it raises mean validation balanced accuracy by more than the paired standard
@@ -86,7 +88,7 @@ def run_factor(name: str, factor_flags: list[str], seeds) -> list[dict]:
         if result.returncode != 0:
             raise RuntimeError(f"factor {name} failed:\n{result.stderr[-3000:]}")
         print(f"[ablation] {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(results.read_text())["runs"]
+    return [row for row in json.loads(results.read_text())["runs"] if row["method"] == "facims"]
 
 
 def paired(rows: list[dict], default: list[dict], metric: str) -> tuple[float, float, int]:
