@@ -183,7 +183,7 @@ AUTOBALANCE_BAD_FLAGS = [
     (["--lower_weight_decay=nan"], ["--lower_weight_decay must be a finite number, got nan"]),
     (["--cg_iters=0"], ["AutoBalanceConfig.cg_iters must be >= 1, got 0"]),
     (["--neumann_terms=-1"], ["AutoBalanceConfig.neumann_terms must be >= 0, got -1"]),
-    (["--lr_decay_fractions=0.5,2"], ["--lr_decay_fractions must be numbers in (0, 1), got 2.0"]),
+    (["--lr_decay_fractions=0.5,2"], ["--lr_decay_fractions must be numbers in (0, 1), got '2'"]),
     (["--grid=bogus=1"], ["AutoBalanceConfig has no setting 'bogus'", "upper_learning_rate"]),
     (["--grid=upper_learning_rate=0.1,x"], ["--grid upper_learning_rate='x'"]),
     (["--grid=upper_learning_rate=0,1"], ["--grid setting upper_learning_rate=0: AutoBalanceConfig.upper_learning_rate must be > 0"]),
