@@ -48,6 +48,7 @@ FACTORS = {
     "global_lr_official": ("global posterior step 0.01 (official) instead of 0.1", ["--global_learning_rate=0.01"]),
     "alpha_low_0.3": ("alpha_low 0.3 instead of 0.7 (looser tie of the local posteriors)", ["--alpha_low=0.3"]),
     "independent_noise": ("independent Monte-Carlo draws per group (common_noise off)", ["--nocommon_noise"]),
+    "damping_1": ("hypergradient inverts H + 1 I (damped CG) instead of the indefinite H", ["--damping=1.0"]),
     "cg_10": ("10 CG iterations instead of 5", ["--cg_iters=10"]),
     "hessian_draws_3": ("3 Monte-Carlo draws in the hypergradient's Hessian instead of 1", ["--hypergradient_samples=3"]),
     "mean_prediction": ("prediction at the posterior mean instead of 20 Monte-Carlo draws", ["--prediction=mean"]),

@@ -361,3 +361,30 @@ def test_mean_prediction_is_the_softmax_at_the_posterior_mean():
     state = solver.init(jax.random.key(0), params)
     x = jnp.asarray(dataset.features[:7])
     np.testing.assert_allclose(solver.predict(state, x), jax.nn.softmax(apply_fn(params, x), axis=-1), rtol=1e-6)
+
+
+def test_damping_is_a_traced_hyperparameter_of_the_hypergradient():
+    """``damping`` solves (H + damping I) u = v: with a huge damping the hypergradient of v
+    shrinks like 1 / damping (u -> v / damping), and a negative value is refused."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        FacimsConfig(damping=-1.0)
+    dataset, params, apply_fn = _tiny_problem()
+    config = FacimsConfig(num_mc=2, cg_iters=5)
+    grouped, batch, global_q, local_q, noise, _ = _group_inputs(
+        dataset, facims_parts(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts),
+        params, jax.random.key(5),
+    )
+
+    def vs_hypergradient(damping):
+        parts = facims_parts(apply_fn, dataclasses.replace(config, damping=damping),
+                             class_counts=dataset.class_counts, group_counts=dataset.group_counts)
+        one = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[1], tree)  # noqa: E731  (group 1: Z^1 != Z)
+        _, grad_vs, _ = parts.group_hypergradient(one(local_q), global_q, parts.v_bar, one(batch), one(noise),
+                                                  one(batch), one(noise), 1)
+        return jax.flatten_util.ravel_pytree(grad_vs)[0]
+
+    undamped, large, larger = vs_hypergradient(0.0), vs_hypergradient(1e4), vs_hypergradient(1e5)
+    assert float(jnp.linalg.norm(undamped)) > 1e-6
+    np.testing.assert_allclose(np.asarray(larger) * 10, np.asarray(large), rtol=2e-2, atol=1e-9)
