@@ -152,7 +152,7 @@ def test_hypergradient_of_v_matches_finite_differences():
 
 def test_partial_group_step_changes_only_the_sampled_groups():
     dataset, params, apply_fn = _tiny_problem()
-    config = FacimsConfig(num_mc=1, middle_steps=2, upper_steps=1, groups_per_step=1, cg_iters=3)
+    config = FacimsConfig(num_mc=1, middle_steps=2, upper_steps=1, groups_per_step=1, cg_iters=3, group_mapping="vmap")
     solver = facims(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts, batch_size=BATCH, val_batch_size=BATCH)
     state = solver.init(jax.random.key(0), params)
     grouped = data.group_arrays(dataset)
@@ -224,7 +224,7 @@ def test_short_run_beats_erm_on_balanced_accuracy():
     erm_state, _ = fit(erm_solver, erm_solver.init(None, params), train.features, train.labels, train.groups,
                        epochs=20, batch_size=64, key=jax.random.key(1))
 
-    config = FacimsConfig(num_mc=2, middle_steps=5, upper_steps=2, cg_iters=5, num_eval_samples=5)
+    config = FacimsConfig(num_mc=2, middle_steps=5, upper_steps=2, cg_iters=5, num_eval_samples=5, group_mapping="vmap")
     solver = facims(apply_fn, config, class_counts=train.class_counts, group_counts=train.group_counts)
     state = solver.init(jax.random.key(2), params)
     step = jax.jit(solver.step)
@@ -377,14 +377,17 @@ def test_damping_is_a_traced_hyperparameter_of_the_hypergradient():
         params, jax.random.key(5),
     )
 
-    def vs_hypergradient(damping):
-        parts = facims_parts(apply_fn, dataclasses.replace(config, damping=damping),
-                             class_counts=dataset.class_counts, group_counts=dataset.group_counts)
-        one = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[1], tree)  # noqa: E731  (group 1: Z^1 != Z)
+    one = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[1], tree)  # noqa: E731  (group 1: Z^1 != Z)
+
+    @jax.jit
+    def vs_hypergradient(damping):  # one compiled function of the traced damping
+        hyperparams = config.hyperparams()._replace(damping=damping)
+        parts = facims_parts(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts,
+                             hyperparams=hyperparams)
         _, grad_vs, _ = parts.group_hypergradient(one(local_q), global_q, parts.v_bar, one(batch), one(noise),
                                                   one(batch), one(noise), 1)
         return jax.flatten_util.ravel_pytree(grad_vs)[0]
 
-    undamped, large, larger = vs_hypergradient(0.0), vs_hypergradient(1e4), vs_hypergradient(1e5)
+    undamped, large, larger = (vs_hypergradient(jnp.float32(d)) for d in (0.0, 1e4, 1e5))
     assert float(jnp.linalg.norm(undamped)) > 1e-6
     np.testing.assert_allclose(np.asarray(larger) * 10, np.asarray(large), rtol=2e-2, atol=1e-9)

@@ -45,7 +45,7 @@ def _run_check(inverse: str) -> dict:
     dataset = data.synthetic_subgroups(320, **groups, seed=0)
     val_set = data.synthetic_subgroups(160, **groups, seed=1)
     params, apply_fn = models.make_model("mlp", 2, 4, jax.random.key(0), hidden=(8,))
-    config = FacimsConfig(middle_steps=2, upper_steps=2, num_mc=2, inverse=inverse)
+    config = FacimsConfig(middle_steps=2, upper_steps=2, num_mc=2, inverse=inverse, group_mapping="vmap")
     solver = facims(
         apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts, batch_size=8, val_batch_size=8
     )
