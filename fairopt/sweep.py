@@ -61,6 +61,18 @@ class HyperparameterConfig:
         return {name: getattr(self, name) for name in self.static_names()}
 
 
+def as_hyperparams(hyperparams, cls: type, default):
+    """``default`` if ``hyperparams`` is None, else ``hyperparams`` (which must be a ``cls``, the
+    solver's hyperparameter NamedTuple, e.g. ``config.hyperparams()``) as float32 arrays."""
+    if hyperparams is None:
+        return default
+    if not isinstance(hyperparams, cls):
+        raise TypeError(
+            f"hyperparams must be a {cls.__name__} (e.g. config.hyperparams()), got {type(hyperparams).__name__}"
+        )
+    return cls(*(jnp.asarray(value, jnp.float32) for value in hyperparams))
+
+
 def stack(trees: Sequence[PyTree]) -> PyTree:
     """Stack equally-shaped pytrees along a new leading axis (the sweep axis)."""
     if not trees:

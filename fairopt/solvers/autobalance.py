@@ -540,12 +540,7 @@ def autobalance(
         )
 
     def _hyperparams(hyperparams) -> AutoBalanceHyperparams:
-        hyperparams = config.hyperparams() if hyperparams is None else hyperparams
-        if not isinstance(hyperparams, AutoBalanceHyperparams):
-            raise TypeError(
-                f"hyperparams must be an AutoBalanceHyperparams (config.hyperparams()), got {type(hyperparams).__name__}"
-            )
-        return AutoBalanceHyperparams(*(jnp.asarray(value, jnp.float32) for value in hyperparams))
+        return sweep.as_hyperparams(hyperparams, AutoBalanceHyperparams, config.hyperparams())
 
     def initial_hparams(hyperparams: AutoBalanceHyperparams | None = None) -> AutoBalanceHparams:
         h = _hyperparams(hyperparams)

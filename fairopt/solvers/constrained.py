@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairopt import losses
+from fairopt import losses, sweep
 from fairopt.losses import masked_mean
-from fairopt.solvers.erm import DEFAULT_LEARNING_RATE, as_optimizer_factory, check_batch, check_hyperparams
+from fairopt.solvers.erm import DEFAULT_LEARNING_RATE, as_optimizer_factory, check_batch
 from fairopt.sweep import HyperparameterConfig
 from fairopt.train import Batch, Solver, check_group_ids
 
@@ -493,7 +493,7 @@ def build_constrained_solver(
 
     def init(key, params, hyperparams: ConstrainedHyperparams | None = None):
         del key
-        hyperparams = check_hyperparams(hyperparams, ConstrainedHyperparams, default)
+        hyperparams = sweep.as_hyperparams(hyperparams, ConstrainedHyperparams, default)
         multipliers = jnp.zeros((len(atoms), num_groups), jnp.float32)
         opt_state = factory(hyperparams.learning_rate).init(params)
         return ConstrainedState(params, opt_state, multipliers, jnp.zeros((), jnp.int32), hyperparams)
@@ -748,7 +748,7 @@ def group_dro(
 
     def init(key, params, hyperparams: GroupDROHyperparams | None = None):
         del key
-        hyperparams = check_hyperparams(hyperparams, GroupDROHyperparams, default)
+        hyperparams = sweep.as_hyperparams(hyperparams, GroupDROHyperparams, default)
         log_weights = jnp.full((num_cells,), -np.log(num_cells), jnp.float32)
         return GroupDROSolverState(
             params, factory(hyperparams.learning_rate).init(params), losses.GroupDROState(log_weights),

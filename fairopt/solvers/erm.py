@@ -98,15 +98,6 @@ def check_batch(batch, solver_name: str) -> Batch:
     return batch
 
 
-def check_hyperparams(hyperparams, cls: type, default):
-    """``default`` if ``hyperparams`` is None, else ``hyperparams`` as ``cls`` of float32 arrays."""
-    if hyperparams is None:
-        return default
-    if not isinstance(hyperparams, cls):
-        raise TypeError(f"hyperparams must be a {cls.__name__}, got {type(hyperparams).__name__}")
-    return cls(*(jnp.asarray(value, jnp.float32) for value in hyperparams))
-
-
 def example_weights(class_weights: jax.Array, labels: jax.Array, groups: jax.Array) -> jax.Array:
     """The weight of every row: ``w``, ``w[y]`` or ``w[y, a]`` by the rank of ``class_weights``."""
     if class_weights.ndim == 0:
@@ -157,7 +148,7 @@ def erm(
 
     def init(key, params, hyperparams: ERMHyperparams | None = None):
         del key
-        hyperparams = check_hyperparams(hyperparams, ERMHyperparams, default)
+        hyperparams = sweep.as_hyperparams(hyperparams, ERMHyperparams, default)
         opt_state = factory(hyperparams.learning_rate).init(params)
         return ERMState(params, opt_state, jnp.zeros((), jnp.int32), hyperparams)
 
@@ -211,7 +202,7 @@ def batch_objective_erm(
 
     def init(key, params, hyperparams: ERMHyperparams | None = None):
         del key
-        hyperparams = check_hyperparams(hyperparams, ERMHyperparams, default)
+        hyperparams = sweep.as_hyperparams(hyperparams, ERMHyperparams, default)
         return ERMState(params, factory(hyperparams.learning_rate).init(params), jnp.zeros((), jnp.int32), hyperparams)
 
     def loss(params, batch: Batch, weights):

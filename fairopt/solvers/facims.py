@@ -521,7 +521,7 @@ def _group_functions(apply_fn, config: FacimsConfig, h: FacimsHyperparams, *, cl
     )
 
 
-def _check_round_input(data, num_groups: int, num_features: int | None) -> FacimsData:
+def _check_round_input(data, num_groups: int) -> FacimsData:
     """The round's input as :class:`FacimsData`, or a TypeError / ValueError naming what is expected."""
     expected = (
         "FacimsData(train, val) (or a (train, val) tuple) of fairopt.data.GroupedArrays "
@@ -606,16 +606,13 @@ def facims(
 
     def init(key, params, hyperparams: FacimsHyperparams | None = None, *, class_counts=class_counts,
              group_counts=group_counts) -> FacimsState:
-        hyperparams = config.hyperparams() if hyperparams is None else hyperparams
-        if not isinstance(hyperparams, FacimsHyperparams):
-            raise TypeError(f"hyperparams must be a FacimsHyperparams (config.hyperparams()), got {type(hyperparams).__name__}")
+        hyperparams = sweep.as_hyperparams(hyperparams, FacimsHyperparams, config.hyperparams())
         counts = jnp.asarray(class_counts, jnp.float32), jnp.asarray(group_counts, jnp.float32)
         if counts[0].shape != (num_classes,) or counts[1].shape != (num_groups,):
             raise ValueError(
                 f"init's class_counts / group_counts must have shapes ({num_classes},) / ({num_groups},) like the "
                 f"solver's, got {counts[0].shape} / {counts[1].shape}"
             )
-        hyperparams = FacimsHyperparams(*(jnp.asarray(value, jnp.float32) for value in hyperparams))
         log_std = jnp.log(hyperparams.init_std)
         global_q = posterior.Gaussian(
             jax.tree_util.tree_map(jnp.asarray, params),
@@ -671,7 +668,7 @@ def facims(
         return mapped
 
     def step(state: FacimsState, data):
-        train, val = _check_round_input(data, num_groups, None)
+        train, val = _check_round_input(data, num_groups)
         h = state.hyperparams
         # The global step of this round: global_learning_rate * global_decay ** rounds.
         parts = parts_for(state, h.global_learning_rate * h.global_decay ** state.rounds.astype(jnp.float32))
