@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from absl import flags
+from cli_driver import drive
 
 from experiments import cli, data_flags
 from fairopt import data
@@ -309,48 +310,9 @@ def test_credit_exported_to_csv_loads_back_to_the_builtin_arrays(tmp_path):
 # --------------------------------------------------------------------------- command line
 
 
-_DRIVER = r"""
-import importlib, json, os, sys
-from experiments import cli
-
-module = importlib.import_module(sys.argv[1])
-results = []
-for index, argv in enumerate(json.loads(sys.argv[2])):
-    log = os.path.join(sys.argv[3], f"case{index}.log")
-    pid = os.fork()
-    if pid == 0:
-        output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(output, 1)
-        os.dup2(output, 2)
-        code = 0
-        try:
-            cli.run(module.main, argv=[sys.argv[1], *argv])
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    results.append(dict(code=os.waitstatus_to_exitcode(status), output=open(log).read()))
-print(json.dumps(results))
-"""
-
-
 def run_cli_cases(module: str, cases: list[list[str]], tmp_path: Path) -> list[dict]:
-    """Each argv through ``cli.run(<module>.main)`` in a child forked from one process that
-    imported the entry point once (what ``python -m <module>`` runs after its imports)."""
-    logs = tmp_path / "logs"
-    logs.mkdir(exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, "-c", _DRIVER, module, json.dumps(cases), str(logs)], cwd=REPO, capture_output=True, text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """Each argv through ``cli.run(<module>.main)`` (:func:`cli_driver.drive`): exit code and output."""
+    return [dict(code=r["code"], output=r["output"]) for r in drive(module, [dict(argv=a) for a in cases], tmp_path / "logs")]
 
 
 def test_bad_tables_on_the_command_line_exit_nonzero_with_one_line_and_no_traceback(tmp_path):
