@@ -24,7 +24,8 @@ validation metric and reports that setting's test numbers as a separate, labelle
 Prints progress with an ETA, then a table of mean ± std over seeds (balanced accuracy,
 accuracy, DP, EO, sufficiency gap, recall per class, wall time) and writes
 ``<output_dir>/facims_<dataset>.{json,csv,md}`` (refusing to overwrite without --overwrite).
-The ERM / BERM baselines are trained per seed with Adam (``--baseline_lr``); ``logreg`` and
+The ERM / BERM baselines are trained per seed with Adam at each ``--baseline_lr`` and the step of
+highest validation balanced accuracy is kept; ``logreg`` and
 ``hgb`` are scikit-learn's balanced logistic regression and histogram gradient boosting on the
 same training rows, each tuned on the validation split (:mod:`experiments.sklearn_reference`).
 Grids apply to the FACIMS methods.
@@ -47,7 +48,7 @@ from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
 from fairopt import data, losses, models, sweep
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
-from fairopt.train import Progress, check_finite, evaluate, fit_resumable
+from fairopt.train import Progress, best_iterate_tracker, check_finite, evaluate, fit_resumable
 
 BASELINES = ("erm", "berm") + sklearn_reference.METHODS
 DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", "synthetic")
@@ -66,8 +67,20 @@ flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after re
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 50, "Rows per group per step.", lower_bound=1)
 flags.DEFINE_list("hidden", ["400", "200", "100"], "Hidden widths of the ELU MLP (the papers': 400,200,100).")
-flags.DEFINE_float("baseline_lr", 1e-3, "Adam step of the ERM/BERM baselines.", lower_bound=0.0)
+flags.DEFINE_list("baseline_lr", ["3e-4", "1e-3", "3e-3"], "Adam steps of the ERM/BERM baselines; the one of highest "
+                  "validation balanced accuracy is kept (with --model_selection per step).")
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
+flags.DEFINE_enum(
+    "class_counts_from", "resampled", ("resampled", "original"),
+    "Class counts that set the logit-adjusted VS loss v_bar, the balanced validation loss and BERM's class weights: "
+    "resampled (the training rows the losses see, after --samples_per_group) or original (the training split "
+    "before resampling; resampling to equal groups lowers the default rate on credit from 22 % to 13-14 %).",
+)
+flags.DEFINE_enum(
+    "model_selection", "last", ("last", "best_round"),
+    "Which iterate a run reports: last (after the final round / epoch) or best_round (the round / epoch of highest "
+    "validation balanced accuracy, evaluated after every one: early stopping on validation).",
+)
 CONFIG_FLAGS = common.define_config_flags(FacimsConfig, skip=("method",))
 common.define_sweep_flags()
 
@@ -87,8 +100,9 @@ REPORT_COLUMNS = (
 def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[data.Splits, data.Dataset]:
     """Paper protocol: label-stratified split, train-only standardisation, per-group resampling.
 
-    Returns the splits (train resampled) and the training split before resampling (whose class
-    and group counts set the loss hyperparameters)."""
+    Returns the splits (train resampled) and the training split before resampling (whose group
+    counts set the frequency-scaled SAM radii; ``--class_counts_from`` says whose class counts
+    set the losses)."""
     splits = data.standardize(data.facims_split(dataset, seed=seed))
     original_train = splits.train
     if samples_per_group:
@@ -115,6 +129,8 @@ class SeedData:
     def __init__(self, seed: int):
         dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seed)
         self.splits, self.original_train = prepare(dataset, seed, FLAGS.samples_per_group)
+        counted = self.splits.train if FLAGS.class_counts_from == "resampled" else self.original_train
+        self.class_counts = counted.class_counts  # v_bar, the balanced losses, BERM's weights
         # One padded size for every seed (the dataset's largest group; padding is never sampled),
         # so that the seeds' arrays stack into one vmapped program.
         pad_to = int(max(
@@ -151,23 +167,50 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
             hidden=hidden_widths(),
         )[0]
         per_run.append((
-            jax.random.key(seed + 1), params, config.hyperparams(), prepared.original_train.class_counts,
+            jax.random.key(seed + 1), params, config.hyperparams(), prepared.class_counts,
             prepared.original_train.group_counts, prepared.grouped,
         ))
     keys, params, hyperparams, class_counts, group_counts, grouped = (
         sweep.stack([run[i] for run in per_run]) for i in range(6)
     )
     init = jax.vmap(lambda k, p, h, cc, gc: solver.init(k, p, h, class_counts=cc, group_counts=gc))
-    done, states = checkpoints.restore(name, init(keys, params, hyperparams, class_counts, group_counts))
+    states = init(keys, params, hyperparams, class_counts, group_counts)
+    selection = BestRound(solver.predict, [seed for _, seed in padded]) if FLAGS.model_selection == "best_round" else None
+    done, (states, best) = checkpoints.restore(name, (states, selection and selection.init(states)))
     progress.update(progress.done + done * len(runs))
     step = compiled_round(solver)
     for epoch in range(done + 1, FLAGS.epochs + 1):
         states, metrics = step(states, grouped)
         metrics = {k: float(np.mean(np.asarray(v)[: len(runs)])) for k, v in metrics.items()}
         check_finite(metrics, what="training metric (mean over the chunk's runs) ", epoch=epoch)
-        checkpoints.save(name, epoch, states)
+        if selection is not None:
+            best = selection.update(best, states, epoch)
+        checkpoints.save(name, epoch, (states, best))
         progress.update(progress.done + len(runs), metrics)
-    return [sweep.take(states, index) for index in range(len(runs))]
+    if selection is None:
+        return [(sweep.take(states, index), FLAGS.epochs) for index in range(len(runs))]
+    return [(sweep.take(best.state, index), int(best.epoch[index])) for index in range(len(runs))]
+
+
+class BestRound:
+    """Early stopping on validation for a chunk of runs (``--model_selection=best_round``): after
+    every round each run's state is kept if its validation balanced accuracy beats its best so
+    far (:func:`fairopt.train.best_iterate_tracker`, ``jax.vmap``-ped over the runs, whose
+    validation sets are padded to one shape and masked)."""
+
+    def __init__(self, predict, seeds):
+        vals = [seed_data(seed).splits.val for seed in seeds]
+        rows = max(len(v) for v in vals)
+        pad = lambda a, v: np.concatenate([a, np.zeros((rows - len(v),) + a.shape[1:], a.dtype)])  # noqa: E731
+        self.x = jnp.asarray(np.stack([pad(np.asarray(v.features, np.float32), v) for v in vals]))
+        self.y = jnp.asarray(np.stack([pad(np.asarray(v.labels, np.int32), v) for v in vals]))
+        self.mask = jnp.asarray(np.stack([pad(np.ones(len(v), bool), v) for v in vals]))
+        init, update = best_iterate_tracker(predict, num_classes=vals[0].num_classes)
+        self.init = jax.vmap(init)
+        self._update = jax.jit(jax.vmap(update, in_axes=(0, 0, None, 0, 0, 0)))
+
+    def update(self, best, states, epoch):
+        return self._update(best, states, epoch, self.x, self.y, self.mask)
 
 
 _ROUNDS: dict = {}
@@ -185,30 +228,65 @@ def compile_counts() -> dict[str, int]:
     return {f"round_{index}": int(step._cache_size()) for index, (_, step) in enumerate(_ROUNDS.values())}
 
 
+def baseline_learning_rates() -> tuple[float, ...]:
+    rates = common.parse_numbers("baseline_lr", FLAGS.baseline_lr, valid=lambda r: r > 0, distinct=True,
+                                 requirement="distinct numbers > 0", example="3e-4,1e-3,3e-3")
+    if not rates:
+        raise ValueError("--baseline_lr needs at least one step size, e.g. --baseline_lr=1e-3")
+    return rates
+
+
 def run_baseline(method, seed, progress, checkpoints, run):
+    """ERM / BERM with Adam at every ``--baseline_lr`` (each with ``--model_selection``); returns
+    the solver and state of the step size of highest validation balanced accuracy, and the
+    choice (``lr=...,epoch=...``): the baselines get the same validation budget as FACIMS."""
     prepared = seed_data(seed)
-    dataset = prepared.splits.train
+    dataset, val = prepared.splits.train, prepared.splits.val
     params, apply_fn = models.make_model(
         "mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed), hidden=hidden_widths()
     )
     loss_name = "ce" if method == "erm" else "weighted_ce"
-    loss_fn = losses.make_loss(loss_name, class_counts=prepared.original_train.class_counts)
+    loss_fn = losses.make_loss(loss_name, class_counts=prepared.class_counts)
     steps_per_epoch = -(-len(dataset) // FLAGS.batch_size)
-    solver = erm(apply_fn, loss_fn, optax.adam(FLAGS.baseline_lr), steps_per_epoch=steps_per_epoch)
-    state, _ = fit_resumable(
-        solver,
-        solver.init(jax.random.key(seed + 1), params),
-        dataset.features,
-        dataset.labels,
-        dataset.groups,
-        checkpoints=checkpoints,
-        run=run,
-        progress=progress,
-        epochs=FLAGS.epochs,
-        batch_size=FLAGS.batch_size,
-        key=jax.random.key(seed + 2),
-    )
-    return solver, state
+    best = None
+    for rate in baseline_learning_rates():
+        solver = erm(apply_fn, loss_fn, optax.adam(rate), steps_per_epoch=steps_per_epoch)
+        name = f"{run}_lr{rate:g}"
+        state = solver.init(jax.random.key(seed + 1), params)
+        selection = BestEpoch(solver, val, state, checkpoints, name) if FLAGS.model_selection == "best_round" else None
+        state, _ = fit_resumable(
+            solver, state, dataset.features, dataset.labels, dataset.groups, checkpoints=checkpoints, run=name,
+            progress=progress, on_epoch_end=selection and selection.update, epochs=FLAGS.epochs,
+            batch_size=FLAGS.batch_size, key=jax.random.key(seed + 2),
+        )
+        if selection is None:
+            epoch, score = FLAGS.epochs, evaluate(solver.predict, state, val)["balanced_accuracy"]
+        else:
+            state, score, epoch = selection.best.state, float(selection.best.score), int(selection.best.epoch)
+        if best is None or score > best[0]:
+            best = (score, solver, state, f"lr={rate:g},epoch={epoch}", epoch)
+    _, solver, state, chosen, epoch = best
+    return solver, state, chosen, epoch
+
+
+class BestEpoch:
+    """Early stopping on validation for one baseline run (``--model_selection=best_round``); the
+    best state is checkpointed whenever it changes, so ``--resume`` keeps it."""
+
+    def __init__(self, solver, val, state, checkpoints, run):
+        init, update = best_iterate_tracker(solver.predict, num_classes=val.num_classes)
+        self._update = jax.jit(update)
+        self.x, self.y = jnp.asarray(val.features, jnp.float32), jnp.asarray(val.labels, jnp.int32)
+        self.mask = jnp.ones(len(val), bool)
+        self.checkpoints, self.run = checkpoints, f"{run}_best"
+        self.best = checkpoints.restore(self.run, init(state))[1]
+
+    def update(self, epoch, state, metrics):
+        del metrics
+        previous = int(self.best.epoch)
+        self.best = self._update(self.best, state, epoch, self.x, self.y, self.mask)
+        if int(self.best.epoch) != previous and self.checkpoints.every:
+            self.checkpoints.save(self.run, epoch, self.best, force=True)
 
 
 def evaluated_row(method, seed, setting, predict, state, seconds, reports=None) -> dict:
@@ -240,6 +318,7 @@ def setup(argv):
         common.parse_choices("methods", FLAGS.methods, METHODS + BASELINES)
         common.check_number_flags(FLAGS, _OWN_FLAGS)
         hidden_widths()
+        baseline_learning_rates()
         grid = common.parse_grid(FLAGS.grid, FacimsConfig)
         if "method" in grid:
             raise ValueError("--grid cannot sweep method; list the methods in --methods")
@@ -273,7 +352,7 @@ def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
     )
     for static_index, members in enumerate(sweep.group_by_static(configs)):
         solver = facims(
-            apply_fn, configs[members[0]], class_counts=reference.original_train.class_counts,
+            apply_fn, configs[members[0]], class_counts=reference.class_counts,
             group_counts=reference.original_train.group_counts, batch_size=FLAGS.batch_size,
             val_batch_size=FLAGS.batch_size,
         )
@@ -290,10 +369,11 @@ def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
                 f"{method}_static{static_index}_chunk{start // chunk_size}",
             )
             seconds = (time.perf_counter() - started) / len(chunk)
-            for (index, seed), state in zip(chunk, states):
+            for (index, seed), (state, selected_round) in zip(chunk, states):
                 if (index, seed) not in todo:
                     continue
                 row = evaluated_row(method, seed, settings[index], solver.predict, state, seconds)
+                row["selected_round"] = selected_round
                 checkpoints.add_finished_run(row)
                 rows.append(row)
 
@@ -317,7 +397,8 @@ def main(argv):
     rows = checkpoints.finished_runs()
     finished = {(row["method"], row["setting"], row["seed"]) for row in rows}
     facims_methods = [m for m in FLAGS.methods if m in METHODS]
-    total = len(seeds) * FLAGS.epochs * (len(settings) * len(facims_methods) + len(FLAGS.methods) - len(facims_methods))
+    baseline_runs = sum(len(baseline_learning_rates()) if m in ("erm", "berm") else 1 for m in FLAGS.methods if m not in METHODS)
+    total = len(seeds) * FLAGS.epochs * (len(settings) * len(facims_methods) + baseline_runs)
     progress = Progress(f"facims:{described['name']}", total, every=max(1, total // 10))
     progress.update(len(finished) * FLAGS.epochs)
     for method in FLAGS.methods:
@@ -336,8 +417,9 @@ def main(argv):
                 row["chosen_on_validation"] = chosen
                 progress.update(progress.done + FLAGS.epochs)
             else:
-                solver, state = run_baseline(method, seed, progress, checkpoints, f"{method}_seed{seed}")
+                solver, state, chosen, epoch = run_baseline(method, seed, progress, checkpoints, f"{method}_seed{seed}")
                 row = evaluated_row(method, seed, {}, solver.predict, state, time.perf_counter() - started)
+                row.update(chosen_on_validation=chosen, selected_round=epoch)
             checkpoints.add_finished_run(row)
             rows.append(row)
     for row in rows:

@@ -243,6 +243,7 @@ def fit_resumable(
     checkpoints: CheckpointStore | None,
     run: str,
     progress: Progress | None = None,
+    on_epoch_end: Callable[[int, PyTree, dict], None] | None = None,
     **fit_kwargs,
 ) -> tuple[PyTree, list[dict]]:
     """:func:`fit` continued from the last checkpoint of ``run`` and checkpointed after every epoch.
@@ -254,6 +255,7 @@ def fit_resumable(
       run: the name of this training run in ``checkpoints``.
       progress: a :class:`Progress` shared by several runs: advanced once per epoch; the epochs
         restored from the checkpoint count as done.
+      on_epoch_end: called as ``on_epoch_end(epoch, state, metrics)`` after the checkpoint.
       **fit_kwargs: ``epochs``, ``batch_size``, ``key``, ``epoch_fn`` of :func:`fit`.
 
     Returns:
@@ -265,13 +267,15 @@ def fit_resumable(
     if progress is not None and done:
         progress.update(progress.done + done)
 
-    def on_epoch_end(epoch, state, metrics):
+    def after_epoch(epoch, state, metrics):
         if checkpoints is not None:
             checkpoints.save(run, epoch, state)
         if progress is not None:
             progress.advance(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, state, metrics)
 
-    return fit(solver, state, x, y, groups, start_epoch=done, on_epoch_end=on_epoch_end, **fit_kwargs)
+    return fit(solver, state, x, y, groups, start_epoch=done, on_epoch_end=after_epoch, **fit_kwargs)
 
 
 def predict_in_batches(predict: Callable, state: PyTree, x: np.ndarray, *, batch_size: int = 8192):
@@ -303,3 +307,38 @@ def evaluate(predict: Callable, state: PyTree, dataset, **report_kwargs) -> dict
         num_groups=dataset.num_groups,
         **report_kwargs,
     )
+
+
+class BestIterate(NamedTuple):
+    """The iterate with the highest validation score seen so far (early stopping on validation)."""
+
+    state: PyTree  # the solver state of that round / epoch
+    score: jax.Array  # float32: its validation score (-inf before the first update)
+    epoch: jax.Array  # int32: its round / epoch, counted from 1 (0 before the first update)
+
+
+def best_iterate_tracker(predict: Callable, *, num_classes: int) -> tuple[Callable, Callable]:
+    """Keep the iterate of highest validation balanced accuracy: ``(init, update)``, both pure.
+
+    ``init(state) -> BestIterate`` and ``update(best, state, epoch, x, y, mask) -> BestIterate``
+    with ``score = BA(predict(state, x), y; mask)``; the new iterate replaces the kept one only if
+    its score is strictly higher (ties keep the earlier, shorter-trained iterate). ``mask`` marks
+    real rows, so validation sets of different sizes padded to one shape share one compiled
+    ``jax.vmap(update)`` (one run per seed or setting). Reads validation only: the epoch it picks
+    is a model choice made on validation, like any other setting.
+    """
+    from fairopt import metrics  # local import: metrics is a sibling module
+
+    def init(state) -> BestIterate:
+        return BestIterate(state, jnp.asarray(-jnp.inf, jnp.float32), jnp.asarray(0, jnp.int32))
+
+    def update(best: BestIterate, state, epoch, x, y, mask) -> BestIterate:
+        score = metrics.balanced_accuracy(predict(state, x), y, num_classes=num_classes, mask=mask)
+        improved = score > best.score
+        keep = lambda new, old: jnp.where(improved, new, old)  # noqa: E731
+        return BestIterate(
+            jax.tree_util.tree_map(keep, state, best.state), keep(score, best.score),
+            keep(jnp.asarray(epoch, jnp.int32), best.epoch),
+        )
+
+    return init, update

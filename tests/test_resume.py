@@ -45,7 +45,8 @@ def test_checkpointer_round_trips_states_with_typed_keys(tmp_path):
 def _command(output_dir, *extra):
     return [
         sys.executable, "-m", "experiments.facims", "--dataset=synthetic", "--methods=erm,berm", "--seeds=0",
-        "--epochs=60", "--checkpoint_every=1", f"--output_dir={output_dir}", *extra,
+        "--epochs=60", "--checkpoint_every=1", "--baseline_lr=1e-3", "--model_selection=best_round",
+        f"--output_dir={output_dir}", *extra,
     ]
 
 
@@ -60,7 +61,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     subprocess.run(_command(tmp_path / "full"), cwd=REPO, env=env, check=True, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    state_file = interrupted / "checkpoints" / "facims_synthetic" / "berm_seed0.state"
+    state_file = interrupted / "checkpoints" / "facims_synthetic" / "berm_seed0_lr0.001.state"
     process = subprocess.Popen(_command(interrupted), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
@@ -130,6 +131,8 @@ def test_every_config_field_is_a_flag_that_reaches_the_solver_config():
         ("--grid=alpha_low", "--grid 'alpha_low': write NAME=v1,v2,..."),
         ("--select=balanced_accuracy", "choose with a validation metric (val_...), never a test one"),
         ("--hidden=4,x", "--hidden must be comma-separated integers"),
+        ("--baseline_lr=1e-3,0", "--baseline_lr must be distinct numbers > 0"),
+        ("--model_selection=best", "value should be one of <last|best_round>"),
     ],
 )
 def test_bad_flags_and_settings_are_usage_errors_without_a_traceback(flag, message):

@@ -165,3 +165,32 @@ def test_write_results_is_atomic_and_refuses_to_overwrite(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     common.write_results(tmp_path, "run", rows[:1], summary, markdown, overwrite=True)
     assert targets["csv"].read_text() != before
+
+
+def test_best_iterate_keeps_the_strictly_best_validation_iterate_per_run():
+    """The tracker keeps the state of highest validation balanced accuracy (ties keep the earlier
+    epoch); vmapped over runs with padded, masked validation sets it equals the per-run result."""
+    from fairopt.train import best_iterate_tracker
+
+    predict = lambda state, x: jax.nn.softmax(state["w"] * x, axis=-1)  # noqa: E731
+    init, update = best_iterate_tracker(predict, num_classes=2)
+    x = jnp.array([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [5.0, -5.0]])
+    y = jnp.array([0, 1, 1, 1])
+    mask = jnp.array([True, True, True, False])  # the padded row would flip the score if it counted
+    # w = 1 gets rows 0, 1 right (BA 3/4), w = -1 gets row 2 only (BA 1/4), w = 2 ties w = 1.
+    trajectory = [1.0, -1.0, 2.0]
+    best = init({"w": jnp.zeros(())})
+    assert float(best.score) == -np.inf and int(best.epoch) == 0
+    for epoch, w in enumerate(trajectory, start=1):
+        best = update(best, {"w": jnp.asarray(w)}, epoch, x, y, mask)
+    assert (float(best.state["w"]), float(best.score), int(best.epoch)) == (1.0, 0.75, 1)
+
+    # Two runs at once: the second run's trajectory is the negation, so its best is epoch 2.
+    batched = jax.jit(jax.vmap(update, in_axes=(0, 0, None, 0, 0, 0)))
+    best = jax.vmap(init)({"w": jnp.zeros(2)})
+    for epoch, w in enumerate(trajectory, start=1):
+        best = batched(best, {"w": jnp.asarray([w, -w])}, epoch, jnp.stack([x, x]), jnp.stack([y, y]),
+                       jnp.stack([mask, mask]))
+    np.testing.assert_array_equal(best.epoch, [1, 2])
+    np.testing.assert_allclose(best.score, [0.75, 0.75])
+    np.testing.assert_allclose(best.state["w"], [1.0, 1.0])
