@@ -71,13 +71,13 @@ flags.DEFINE_list("baseline_lr", ["3e-4", "1e-3", "3e-3"], "Adam steps of the ER
                   "validation balanced accuracy is kept (with --model_selection per step).")
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
 flags.DEFINE_enum(
-    "class_counts_from", "resampled", ("resampled", "original"),
+    "class_counts_from", "original", ("resampled", "original"),
     "Class counts that set the logit-adjusted VS loss v_bar, the balanced validation loss and BERM's class weights: "
     "resampled (the training rows the losses see, after --samples_per_group) or original (the training split "
     "before resampling; resampling to equal groups lowers the default rate on credit from 22 % to 13-14 %).",
 )
 flags.DEFINE_enum(
-    "model_selection", "last", ("last", "best_round"),
+    "model_selection", "best_round", ("last", "best_round"),
     "Which iterate a run reports: last (after the final round / epoch) or best_round (the round / epoch of highest "
     "validation balanced accuracy, evaluated after every one: early stopping on validation).",
 )
