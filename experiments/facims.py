@@ -77,9 +77,12 @@ flags.DEFINE_enum(
     "before resampling; resampling to equal groups lowers the default rate on credit from 22 % to 13-14 %).",
 )
 flags.DEFINE_enum(
-    "model_selection", "best_round", ("last", "best_round"),
-    "Which iterate a run reports: last (after the final round / epoch) or best_round (the round / epoch of highest "
-    "validation balanced accuracy, evaluated after every one: early stopping on validation).",
+    "model_selection", "auto", ("auto", "last", "best_round"),
+    "Which iterate a run reports: last (after the final round / epoch), best_round (the round / epoch of highest "
+    "validation balanced accuracy, evaluated after every one: early stopping on validation) or auto: best_round for "
+    "the methods that never train on the validation split (erm, berm, fams), last for facims, facims_i and "
+    "facims_ii, whose upper level trains on it (their validation metrics are in-sample, so choosing a round on them "
+    "is choosing on training data).",
 )
 CONFIG_FLAGS = common.define_config_flags(FacimsConfig, skip=("method",))
 common.define_sweep_flags()
@@ -175,7 +178,7 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
     )
     init = jax.vmap(lambda k, p, h, cc, gc: solver.init(k, p, h, class_counts=cc, group_counts=gc))
     states = init(keys, params, hyperparams, class_counts, group_counts)
-    selection = BestRound(solver.predict, [seed for _, seed in padded]) if FLAGS.model_selection == "best_round" else None
+    selection = BestRound(solver.predict, [seed for _, seed in padded]) if selects_round(runs[0][0]) else None
     done, (states, best) = checkpoints.restore(name, (states, selection and selection.init(states)))
     progress.update(progress.done + done * len(runs))
     step = compiled_round(solver)
@@ -190,6 +193,15 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
     if selection is None:
         return [(sweep.take(states, index), FLAGS.epochs) for index in range(len(runs))]
     return [(sweep.take(best.state, index), int(best.epoch[index])) for index in range(len(runs))]
+
+
+def selects_round(method) -> bool:
+    """Whether ``method`` (a name or a FacimsConfig) reports its best validation round (``--model_selection``)."""
+    if FLAGS.model_selection != "auto":
+        return FLAGS.model_selection == "best_round"
+    if isinstance(method, FacimsConfig):
+        return not method.has_validation_level
+    return method in ("erm", "berm")
 
 
 class BestRound:
@@ -253,7 +265,7 @@ def run_baseline(method, seed, progress, checkpoints, run):
         solver = erm(apply_fn, loss_fn, optax.adam(rate), steps_per_epoch=steps_per_epoch)
         name = f"{run}_lr{rate:g}"
         state = solver.init(jax.random.key(seed + 1), params)
-        selection = BestEpoch(solver, val, state, checkpoints, name) if FLAGS.model_selection == "best_round" else None
+        selection = BestEpoch(solver, val, state, checkpoints, name) if selects_round(method) else None
         state, _ = fit_resumable(
             solver, state, dataset.features, dataset.labels, dataset.groups, checkpoints=checkpoints, run=name,
             progress=progress, on_epoch_end=selection and selection.update, epochs=FLAGS.epochs,

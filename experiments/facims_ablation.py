@@ -53,7 +53,7 @@ FACTORS = {
     "hessian_draws_3": ("3 Monte-Carlo draws in the hypergradient's Hessian instead of 1", ["--hypergradient_samples=3"]),
     "mean_prediction": ("prediction at the posterior mean instead of 20 Monte-Carlo draws", ["--prediction=mean"]),
     "rounds_100": ("100 rounds instead of 50", ["--epochs=100"]),
-    "best_round": ("the round of highest validation BA instead of the last (early stopping on validation)",
+    "best_round": ("the round of highest validation BA instead of the last (the upper level trains on that split: biased)",
                    ["--model_selection=best_round"]),
     "original_class_counts": ("v_bar and the balanced loss from the class counts before resampling (22 % defaults) "
                               "instead of the resampled rows the losses see (13-14 %)", ["--class_counts_from=original"]),

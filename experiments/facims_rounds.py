@@ -13,6 +13,12 @@ run's predicted probabilities on the validation and test splits after every roun
   ways, averaged (for ``last`` nothing is chosen, so this is its BA on the same halves);
 * test BA of each rule (reported, never used to choose).
 
+Caveat, measured: FACIMS's upper level *trains* on the validation split (its objective is the
+balanced loss on validation batches), so every FACIMS validation number here, cross-fitted or
+not, is in-sample for the upper level. On drug, rounds chosen on validation scored validation BA
+.46-.62 and test BA .24-.31 (4 classes). That is why ``experiments.facims --model_selection=auto``
+(the default) does not choose FACIMS rounds on validation.
+
     python -m experiments.facims_rounds                                    # defaults, paper seeds
     python -m experiments.facims_rounds --settings=,class_counts_from=original,damping=10
 

@@ -132,7 +132,7 @@ def test_every_config_field_is_a_flag_that_reaches_the_solver_config():
         ("--select=balanced_accuracy", "choose with a validation metric (val_...), never a test one"),
         ("--hidden=4,x", "--hidden must be comma-separated integers"),
         ("--baseline_lr=1e-3,0", "--baseline_lr must be distinct numbers > 0"),
-        ("--model_selection=best", "value should be one of <last|best_round>"),
+        ("--model_selection=best", "value should be one of <auto|last|best_round>"),
     ],
 )
 def test_bad_flags_and_settings_are_usage_errors_without_a_traceback(flag, message):
