@@ -44,7 +44,7 @@ from absl import app, flags
 
 from experiments import cli, common, data_flags, sklearn_reference
 from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
-from fairopt import data, losses, models, sweep
+from fairopt import data, distributed, losses, models, sharding, sweep
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
 from fairopt.train import Progress, check_finite, evaluate, fit_resumable
@@ -70,6 +70,11 @@ flags.DEFINE_float("baseline_lr", 1e-3, "Adam step of the ERM/BERM baselines.", 
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
 CONFIG_FLAGS = common.define_config_flags(FacimsConfig, skip=("method",))
 common.define_sweep_flags()
+common.define_distributed_flags()
+flags.DEFINE_integer(
+    "shard_groups", 1, "Devices (of all processes) that split each run's group axis; the others split the runs of "
+    "the sweep. Must divide the number of devices and the number of groups. 1: whole runs per device.", lower_bound=1,
+)
 
 _OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
 
@@ -105,8 +110,30 @@ def hidden_widths() -> tuple[int, ...]:
 
 
 def facims_config(method: str, setting: dict | None = None) -> FacimsConfig:
-    """The config of ``method`` from the flags, with a grid ``setting`` on top (validated)."""
-    return common.config_from_flags(FacimsConfig, FLAGS, CONFIG_FLAGS, method=method, **(setting or {}))
+    """The config of ``method`` from the flags, with a grid ``setting`` on top (validated).
+
+    With the group axis sharded (``--shard_groups`` > 1), ``--group_mapping=auto`` means the
+    vmapped round: that is the one GSPMD splits over the groups."""
+    mapping = dict(group_mapping="vmap") if FLAGS.shard_groups > 1 and FLAGS.group_mapping == "auto" else {}
+    return common.config_from_flags(FacimsConfig, FLAGS, CONFIG_FLAGS, method=method, **{**mapping, **(setting or {})})
+
+
+_MESH: list = []
+
+
+def sweep_mesh():
+    """The ``("runs", "groups")`` mesh over every device of every process (None on one device)."""
+    if not _MESH:
+        wanted = jax.device_count() > 1 or FLAGS.shard_groups > 1
+        _MESH.append(sharding.sweep_mesh(FLAGS.shard_groups) if wanted else None)
+    return _MESH[0]
+
+
+def runs_per_program(num_runs: int) -> int:
+    """``--grid_chunk`` (or all runs), rounded up to a multiple of the mesh's ``"runs"`` axis."""
+    mesh, chunk = sweep_mesh(), FLAGS.grid_chunk or num_runs
+    size = 1 if mesh is None else int(mesh.shape[sharding.RUNS_AXIS])
+    return -(-chunk // size) * size
 
 
 class SeedData:
@@ -159,14 +186,17 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
     )
     init = jax.vmap(lambda k, p, h, cc, gc: solver.init(k, p, h, class_counts=cc, group_counts=gc))
     done, states = checkpoints.restore(name, init(keys, params, hyperparams, class_counts, group_counts))
+    if sweep_mesh() is not None:  # runs (and with --shard_groups groups) split over every process's devices
+        states, grouped = sharding.shard_runs((states, grouped), sweep_mesh())
     progress.update(progress.done + done * len(runs))
     step = compiled_round(solver)
     for epoch in range(done + 1, FLAGS.epochs + 1):
         states, metrics = step(states, grouped)
-        metrics = {k: float(np.mean(np.asarray(v)[: len(runs)])) for k, v in metrics.items()}
+        metrics = {k: float(np.mean(np.asarray(v)[: len(runs)])) for k, v in distributed.gather(metrics).items()}
         check_finite(metrics, what="training metric (mean over the chunk's runs) ", epoch=epoch)
         checkpoints.save(name, epoch, states)
         progress.update(progress.done + len(runs), metrics)
+    states = distributed.gather(states)
     return [sweep.take(states, index) for index in range(len(runs))]
 
 
@@ -252,9 +282,18 @@ def setup(argv):
             metric, _ = common.metric_direction(FLAGS.select)
             if not metric.startswith("val_"):
                 raise ValueError(f"--select={FLAGS.select}: choose with a validation metric (val_...), never a test one")
+        if FLAGS.shard_groups > 1:
+            try:
+                sweep_mesh()
+            except ValueError as error:
+                raise ValueError(f"--shard_groups: {error}") from None
         described = data_flags.check_data_flags(  # the data load and split for every seed, or a usage error
             FLAGS, default_dataset=FLAGS.dataset, seeds=seeds, prepare=lambda d, s: prepare(d, s, FLAGS.samples_per_group)
         )
+        num_groups = len(seed_data(seeds[0]).original_train.group_counts) if FLAGS.shard_groups > 1 else 1
+        if num_groups % FLAGS.shard_groups:
+            raise ValueError(f"--shard_groups={FLAGS.shard_groups} does not divide the {num_groups} groups of the data; "
+                             f"use a divisor of {num_groups}")
         stem = f"facims_{described['name']}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
@@ -278,7 +317,7 @@ def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
             val_batch_size=FLAGS.batch_size,
         )
         runs = [(index, seed) for index in members for seed in seeds]
-        chunk_size = FLAGS.grid_chunk or len(runs)
+        chunk_size = runs_per_program(len(runs))
         for start in range(0, len(runs), chunk_size):
             chunk = runs[start : start + chunk_size]
             todo = [(i, s) for i, s in chunk if (method, common.setting_label(settings[i]), s) not in finished]
@@ -312,8 +351,14 @@ def selected_rows(rows, columns) -> tuple[list[dict], str]:
 
 
 def main(argv):
+    common.enable_compilation_cache()  # before the first compilation (JAX decides once whether to use the cache)
+    common.start_distributed(FLAGS)
+    with common.stop_together():
+        run(argv)
+
+
+def run(argv):
     seeds, settings, stem, checkpoints, described = setup(argv)
-    common.enable_compilation_cache()
     rows = checkpoints.finished_runs()
     finished = {(row["method"], row["setting"], row["seed"]) for row in rows}
     facims_methods = [m for m in FLAGS.methods if m in METHODS]
@@ -358,12 +403,17 @@ def main(argv):
         grid={name: values for name, values in common.parse_grid(FLAGS.grid, FacimsConfig).items()},
         compiled_rounds=compile_counts(),
         data=described,
+        processes=jax.process_count(),
+        mesh=None if sweep_mesh() is None else dict(sweep_mesh().shape),
     )
     targets = common.write_results(
         FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite
     )
     print(markdown)
-    print(f"wrote {', '.join(str(p) for p in targets.values())}", file=sys.stderr)
+    if distributed.is_primary():
+        print(f"wrote {', '.join(str(p) for p in targets.values())}", file=sys.stderr)
+    else:
+        print(f"process {jax.process_index()}: the results are written by process 0 (to its --output_dir)", file=sys.stderr)
 
 
 if __name__ == "__main__":
