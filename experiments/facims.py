@@ -330,7 +330,7 @@ def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
             )
             seconds = (time.perf_counter() - started) / len(chunk)
             for (index, seed), state in zip(chunk, states):
-                if (index, seed) not in todo:
+                if (index, seed) not in todo or not distributed.is_primary():  # process 0 evaluates and writes
                     continue
                 row = evaluated_row(method, seed, settings[index], solver.predict, state, seconds)
                 checkpoints.add_finished_run(row)
@@ -374,6 +374,8 @@ def run(argv):
                 continue
             started = time.perf_counter()
             if method in sklearn_reference.METHODS:
+                if not distributed.is_primary():  # no JAX collective inside: process 0 alone fits and scores it
+                    continue
                 test, val, chosen = sklearn_reference.fit_and_evaluate(
                     method, seed_data(seed).splits, seed=seed, num_bins=FLAGS.num_bins
                 )
@@ -381,10 +383,16 @@ def run(argv):
                 row["chosen_on_validation"] = chosen
                 progress.update(progress.done + FLAGS.epochs)
             else:
+                # trained in every process: its checkpoints are collectives (process 0 reads and writes them)
                 solver, state = run_baseline(method, seed, progress, checkpoints, f"{method}_seed{seed}")
+                if not distributed.is_primary():
+                    continue
                 row = evaluated_row(method, seed, {}, solver.predict, state, time.perf_counter() - started)
             checkpoints.add_finished_run(row)
             rows.append(row)
+    if not distributed.is_primary():
+        print(f"process {jax.process_index()}: done; process 0 evaluates the runs and writes the results", file=sys.stderr)
+        return
     for row in rows:
         row["run"] = f"{row['method']} [{row['setting']}]" if row["setting"] else row["method"]
     recall_columns = sorted({k for row in rows for k in row if k.startswith("recall_")})
@@ -410,10 +418,7 @@ def run(argv):
         FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite
     )
     print(markdown)
-    if distributed.is_primary():
-        print(f"wrote {', '.join(str(p) for p in targets.values())}", file=sys.stderr)
-    else:
-        print(f"process {jax.process_index()}: the results are written by process 0 (to its --output_dir)", file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in targets.values())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ every process and a :class:`jax.sharding.Mesh` over them (:func:`fairopt.shardin
 spans the hosts. Each process holds only its shards of an array placed on that mesh, so
 reading a result needs a collective:
 
-* :func:`gather`: every leaf of a pytree as a full host array in every process
-  (``jax.experimental.multihost_utils.process_allgather``);
+* :func:`gather`: every leaf of a pytree as a full host array in every process (one jitted
+  all-gather to a replicated sharding, what ``multihost_utils.process_allgather`` does per leaf);
 * :func:`broadcast`: process 0's values of a pytree in every process (``broadcast_one_to_all``),
   e.g. a checkpoint that only process 0 read;
 * :func:`broadcast_json`: a JSON-able value of process 0 (a list of result rows, an error).
@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 __all__ = ["initialize", "is_primary", "gather", "broadcast", "broadcast_json"]
 
@@ -84,18 +85,21 @@ def gather(tree: PyTree) -> PyTree:
     """Every leaf as a full array in every process (typed keys stay keys); a collective.
 
     Leaves that this process holds completely (replicated, or one process) are left alone;
-    the others go through ``process_allgather`` and come back as NumPy arrays.
+    the others (which must live on NamedShardings) come back as NumPy arrays.
     """
     if jax.process_count() == 1:
         return tree
-    from jax.experimental import multihost_utils
 
     def transfer(leaves):
         partial = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable]
-        gathered = multihost_utils.process_allgather([leaves[i] for i in partial], tiled=True)
+        if not partial:
+            return leaves
+        # one compiled all-gather for the whole tree: every partial leaf made replicated on its mesh
+        replicated = [NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in partial]
+        gathered = jax.jit(lambda values: values, out_shardings=replicated)([leaves[i] for i in partial])
         leaves = list(leaves)
         for i, value in zip(partial, gathered):
-            leaves[i] = value
+            leaves[i] = np.asarray(value.addressable_data(0))
         return leaves
 
     return _through_key_data(tree, transfer)
