@@ -179,3 +179,27 @@ def test_a_killed_process_stops_the_other_with_a_clear_error_and_no_results(work
     assert leftovers == [], leftovers  # no results file, whole or partial
     assert not list(outputs[0].rglob("*.tmp")) and not outputs[1].exists()
     print(f"process 0 stopped {seconds:.1f} s after process 1 was killed")
+
+
+def test_sweep_mesh_and_shard_runs_place_runs_and_groups_and_name_the_fix():
+    """In this (one-device) process: the mesh axes, the specs shard_runs gives a stacked
+    FACIMS data pytree, the single-process identities of the collectives, and the errors."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    from fairopt import distributed, sharding
+    from fairopt.data import GroupedArrays
+
+    with pytest.raises(ValueError, match=r"divisor of the 1 devices \(1\), got 2"):
+        sharding.sweep_mesh(2)
+    mesh = sharding.sweep_mesh()
+    assert mesh.axis_names == ("runs", "groups") and dict(mesh.shape) == {"runs": 1, "groups": 1}
+    stacked = GroupedArrays(np.zeros((3, 4, 5, 2), np.float32), np.zeros((3, 4, 5), np.int32), np.ones((3, 4), np.int32))
+    placed = sharding.shard_runs((stacked, np.arange(3.0)), mesh)
+    assert [leaf.sharding.spec for leaf in placed[0]] == [PartitionSpec("runs", "groups")] * 3
+    assert placed[1].sharding.spec == PartitionSpec("runs")
+    with pytest.raises(ValueError, match="leading run axis must be a multiple"):
+        sharding.shard_runs(np.float32(1.0), mesh)
+    tree = {"w": np.arange(3.0), "key": jax.random.key(0)}
+    assert distributed.gather(tree) is tree and distributed.broadcast(tree) is tree
+    assert distributed.broadcast_json({"a": [1, float("nan")]})["a"][0] == 1 and distributed.is_primary()
