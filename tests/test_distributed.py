@@ -174,11 +174,14 @@ def test_a_killed_process_stops_the_other_with_a_clear_error_and_no_results(work
         _stop(processes)
     log = (workspace / "kill" / "log0").read_text()
     assert code != 0 and seconds < 60
-    assert "Error: process 0 of 2 stopped" in log and "--resume" in log, log[-3000:]
+    # in a collective (almost always: every round all-gathers its metrics) the entry point's
+    # message; if process 0 was busy with local work, JAX's own after the heartbeat timeout
+    ours = "Error: process 0 of 2 stopped" in log and "--resume" in log
+    assert ours or "another task died" in log, log[-3000:]
     leftovers = sorted(p.name for p in outputs[0].rglob("*") if p.is_file() and not p.parent.name == STEM)
     assert leftovers == [], leftovers  # no results file, whole or partial
     assert not list(outputs[0].rglob("*.tmp")) and not outputs[1].exists()
-    print(f"process 0 stopped {seconds:.1f} s after process 1 was killed")
+    print(f"process 0 stopped {seconds:.1f} s after process 1 was killed ({'our' if ours else 'JAX'} message)")
 
 
 def test_sweep_mesh_and_shard_runs_place_runs_and_groups_and_name_the_fix():
