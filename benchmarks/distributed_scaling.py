@@ -47,6 +47,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the data split and of every run.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds after compilation.", lower_bound=1)
 flags.DEFINE_list("layouts", ["1:1", "2:1", "4:1", "2:2", "4:2"], "processes:group_devices pairs to time.")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Folder for distributed_scaling.{json,md}.")
+flags.DEFINE_string("from_log", None, "Write the report from the result lines (JSON, one per layout) that an "
+                    "interrupted run printed, instead of measuring.")
 # set by the driver for its worker processes
 flags.DEFINE_integer("worker_processes", 0, "Internal: run as a worker of this many processes.")
 flags.DEFINE_integer("worker_id", 0, "Internal: this worker's process id.")
@@ -73,6 +75,10 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             size += count * _BYTES.get(dtype, 4)
         totals[match.group(2)] = totals.get(match.group(2), 0) + size
     return totals
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes:.0f} B" if num_bytes < 1024 else f"{num_bytes / 2**20:.3f} MB"
 
 
 def worker() -> None:
@@ -169,23 +175,29 @@ def main(argv):
     if FLAGS.worker_processes:
         return worker()
     load_before = os.getloadavg()
-    results = []
-    for layout in FLAGS.layouts:
-        processes, groups = (int(x) for x in layout.split(":"))
-        results.append(run_layout(processes, groups))
+    if FLAGS.from_log:
+        results = [json.loads(line) for line in Path(FLAGS.from_log).read_text().splitlines() if line.startswith("{")]
+    else:
+        results = []
+        for layout in FLAGS.layouts:
+            processes, groups = (int(x) for x in layout.split(":"))
+            results.append(run_layout(processes, groups))
     base = next(r for r in results if r["processes"] == 1)
+    load = ("load average not recorded by the interrupted run" if FLAGS.from_log
+            else f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    layouts = ", ".join(f"{r['processes']}:{r['group_devices']}" for r in results)
+    measured = f" Layouts reported: {layouts} (from {FLAGS.from_log}, an interrupted run)." if FLAGS.from_log else ""
     lines = [
-        f"# FACIMS sweep over processes on this machine ({os.cpu_count()} cores, load average before "
-        f"{load_before[0]:.1f}, after {os.getloadavg()[0]:.1f})", "",
+        f"# FACIMS sweep over processes on this machine ({os.cpu_count()} cores, {load})", "",
         f"credit, {base['runs']} runs (alpha_low {', '.join(FLAGS.values)}; seed {FLAGS.seed}), MLP "
         f"{','.join(FLAGS.hidden)}, {base['groups']} groups (7 education groups + empty padding), median of "
-        f"{FLAGS.rounds} rounds.", "",
+        f"{FLAGS.rounds} rounds.{measured}", "",
         "| processes | group devices | round s | speed-up | compile s | final gather s | state MB | "
-        "collectives in the round (MB, static) | metrics gathered per round (bytes) | total wall s |",
+        "collectives in the round (static) | metrics gathered per round (bytes) | total wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        comm = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["collective_mb"].items())) or "none"
+        comm = ", ".join(f"{k} {_size(v * 2**20)}" for k, v in sorted(r["collective_mb"].items())) or "none"
         lines.append(
             f"| {r['processes']} | {r['group_devices']} | {r['round_s']:.2f} | {base['round_s'] / r['round_s']:.2f} | "
             f"{r['compile_s']:.1f} | {r['gather_s']:.3f} | {r['state_mb']:.2f} | {comm} | {r['metric_bytes']} | "
