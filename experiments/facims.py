@@ -10,6 +10,13 @@ per education group, the 400-200-100 ELU MLP, 50 rounds, seeds 0, 42, 666, 777, 
     python -m experiments.facims --grid=alpha_low=0.1,0.4,0.7,1.0 --seeds=0,42 --select=val_balanced_accuracy
     python -m experiments.facims --data=loans.csv --label=default --group=sex,race --methods=facims,erm
 
+Several processes or hosts (``jax.distributed``; one command per process, see
+``docs/multi_device.md``): the runs of the sweep, and with ``--shard_groups`` each run's groups,
+are split over every process's devices; process 0 evaluates and writes the results and checkpoints.
+
+    python -m experiments.facims --grid=alpha_low=0.1,0.4 --seeds=0,42 --distributed \
+        --coordinator_address=host0:12355 --num_processes=2 --process_id=0   # and =1 on the other host
+
 Your own CSV (``--data``, ``--label``, ``--group``...) or another sensitive attribute of a built-in
 dataset (``--group``): see ``experiments/data_flags.py``.
 
