@@ -3,22 +3,30 @@
 Results are written atomically (a temporary file in the same folder, then ``os.replace``) so a
 crash never leaves half a file, and an existing results file is never replaced unless the
 caller passes ``overwrite=True``.
+
+In a multi-process run (``--distributed``, :func:`start_distributed`) only process 0 touches the
+files: it writes the results and the checkpoints (of the gathered state, so a checkpoint does
+not depend on the number of processes), and what it reads (finished runs, a checkpoint, an
+error) is broadcast to the other processes (:mod:`fairopt.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from fairopt import data
+from fairopt import data, distributed
 
 from experiments.paper import PAPER_SEEDS  # noqa: E402,F401  (re-exported)
 
@@ -50,8 +58,104 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     return path
 
 
+DISTRIBUTED_FLAGS = ("distributed", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout")
 # Flags a resumed run may change; every other flag of an entry point must match its checkpoints.
-RUN_FLAGS = frozenset({"resume", "overwrite", "output_dir", "checkpoint_every"})
+# The process layout may change too: a checkpoint holds the gathered state of every run.
+RUN_FLAGS = frozenset({"resume", "overwrite", "output_dir", "checkpoint_every", *DISTRIBUTED_FLAGS})
+
+
+def define_distributed_flags(flag_values=None) -> tuple[str, ...]:
+    """``--distributed`` and the coordinates of this process in a multi-process run."""
+    from absl import flags
+
+    flag_values = flag_values or flags.FLAGS
+    module_name = _calling_module()
+    flags.DEFINE_bool(
+        "distributed", False, "Run as one of several processes (one per host) with jax.distributed: the sweep's runs "
+        "(and with --shard_groups the groups) are split over every process's devices, process 0 writes the results. "
+        "Implied by --coordinator_address or $JAX_COORDINATOR_ADDRESS.", flag_values=flag_values, module_name=module_name,
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 (default $JAX_COORDINATOR_ADDRESS; found by JAX on "
+        "SLURM / Open MPI).", flag_values=flag_values, module_name=module_name,
+    )
+    flags.DEFINE_integer("num_processes", None, "Processes in the run (found by JAX on SLURM / Open MPI).",
+                         lower_bound=1, flag_values=flag_values, module_name=module_name)
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 (found by JAX on SLURM / "
+                         "Open MPI).", lower_bound=0, flag_values=flag_values, module_name=module_name)
+    flags.DEFINE_integer(
+        "heartbeat_timeout", 30, "Seconds after which a silent process counts as dead and the others stop with an "
+        "error.", lower_bound=1, flag_values=flag_values, module_name=module_name,
+    )
+    return DISTRIBUTED_FLAGS
+
+
+def start_distributed(flag_values) -> bool:
+    """Call :func:`fairopt.distributed.initialize` if the flags (or ``$JAX_COORDINATOR_ADDRESS``)
+    ask for a multi-process run; must come before any other JAX call. Returns whether it did."""
+    wanted = (flag_values.distributed or flag_values.coordinator_address is not None
+              or flag_values.num_processes is not None or flag_values.process_id is not None
+              or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+    if wanted:
+        distributed.initialize(
+            flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id,
+            heartbeat_timeout_seconds=flag_values.heartbeat_timeout,
+        )
+    return wanted
+
+
+@contextlib.contextmanager
+def stop_together():
+    """In a multi-process run, turn any failure into a clear error and an immediate exit.
+
+    A process that fails (or sees another process fail: a collective then raises "Connection
+    closed by peer") prints what happened and leaves at once with status 1, without JAX's exit
+    barrier, which would wait for the dead process. Usage errors (the same in every process)
+    pass through. Nothing is written after the failure: results only appear, atomically, once
+    every run has finished.
+    """
+    import jax
+    from absl import app
+
+    try:
+        yield
+    except (app.UsageError, SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as error:
+        if jax.process_count() == 1:
+            raise
+        traceback.print_exc()
+        sys.stderr.write(
+            f"Error: process {jax.process_index()} of {jax.process_count()} stopped: {type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}\n"
+            "  A process of this distributed run failed or was killed (see its log); every process stops. Process 0 "
+            "writes the results files only after every run has finished, and every file whole: start every process "
+            "again with --resume to continue from the last checkpoint.\n"
+        )
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+
+_ERRORS = {error.__name__: error for error in (ValueError, TypeError, FileExistsError, FileNotFoundError)}
+
+
+def on_primary(action):
+    """``action()`` run by process 0 only, its JSON-able result given to every process; an error
+    it raises (ValueError, TypeError, FileExistsError, FileNotFoundError) is raised in every
+    process. A collective. With one process simply ``action()``."""
+    outcome = None
+    if distributed.is_primary():
+        try:
+            outcome = {"result": action()}
+        except tuple(_ERRORS.values()) as error:
+            if __import__("jax").process_count() == 1:
+                raise
+            outcome = {"error": type(error).__name__, "message": str(error)}
+    outcome = distributed.broadcast_json(outcome)
+    if "error" in outcome:
+        raise _ERRORS[outcome["error"]](outcome["message"])
+    return outcome["result"]
 
 
 def open_checkpointer(flag_values, names: Iterable[str], stem: str) -> "Checkpointer":
@@ -164,8 +268,11 @@ class Checkpointer:
         if every < 0:
             raise ValueError(f"checkpoint interval must be >= 0, got {every}")
         self.directory, self.every = Path(directory), every
-        config_path = self.directory / "config.json"
         config_text = json.dumps(_jsonable(dict(config)), indent=2, sort_keys=True) + "\n"
+        on_primary(lambda: self._open(config_text, resume))
+
+    def _open(self, config_text: str, resume: bool) -> None:
+        config_path = self.directory / "config.json"
         if resume and config_path.exists() and config_path.read_text() != config_text:
             raise ValueError(
                 f"--resume: {config_path} was written with other settings; rerun with the same flags, "
@@ -179,20 +286,29 @@ class Checkpointer:
             leftover.unlink()
         atomic_write_text(config_path, config_text, overwrite=True)
 
+    def _saved_rows(self) -> list:
+        path = self.directory / "runs.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
     def finished_runs(self) -> list[dict]:
         """The rows given to :meth:`add_finished_run`, in order (NaN and inf come back as NaN)."""
-        path = self.directory / "runs.json"
-        return _from_json(json.loads(path.read_text())) if path.exists() else []
+        return _from_json(on_primary(self._saved_rows))
 
     def add_finished_run(self, row: Mapping) -> None:
-        rows = _jsonable(self.finished_runs() + [dict(row)])
+        if not distributed.is_primary():
+            return
+        rows = self._saved_rows() + _jsonable([dict(row)])
         atomic_write_text(self.directory / "runs.json", json.dumps(rows, indent=2) + "\n", overwrite=True)
 
     def save(self, run: str, epoch: int, state, *, force: bool = False) -> None:
-        """Save ``state`` after ``epoch`` if it is a multiple of ``every`` (or ``force``)."""
+        """Save ``state`` after ``epoch`` if it is a multiple of ``every`` (or ``force``); in a
+        multi-process run every process must call this (the state is gathered), process 0 writes."""
         import jax
 
         if not force and (self.every == 0 or epoch % self.every):
+            return
+        state = distributed.gather(state)
+        if not distributed.is_primary():
             return
         leaves = []
         for leaf in jax.tree_util.tree_leaves(state):
@@ -205,27 +321,47 @@ class Checkpointer:
         atomic_write_bytes(self.directory / f"{run}.state", payload)
 
     def restore(self, run: str, like):
-        """``(epoch, state)`` of the last checkpoint of ``run`` shaped like ``like``, or ``(0, like)``."""
+        """``(epoch, state)`` of the last checkpoint of ``run`` shaped like ``like``, or ``(0, like)``.
+
+        In a multi-process run process 0 reads the file and broadcasts it (``like`` must be
+        the same host-local state in every process)."""
         import jax
 
-        path = self.directory / f"{run}.state"
-        if not path.exists():
+        loaded = {}
+
+        def load():
+            path = self.directory / f"{run}.state"
+            if not path.exists():
+                return 0
+            saved = pickle.loads(path.read_bytes())
+            like_leaves, treedef = jax.tree_util.tree_flatten(like)
+            shapes = [np.shape(value) for _, value in saved["leaves"]]
+            wanted = [np.shape(jax.random.key_data(leaf) if distributed._is_key(leaf) else leaf) for leaf in like_leaves]
+            if saved["treedef"] != str(treedef) or shapes != wanted:
+                raise ValueError(f"{path} does not match this solver's state (other settings, chunk size or shapes); "
+                                 "delete it or drop --resume")
+            leaves = []
+            for (kind, value), reference in zip(saved["leaves"], like_leaves):
+                if kind == "prng_key":
+                    leaves.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(reference)))
+                else:
+                    leaves.append(jax.numpy.asarray(value, dtype=reference.dtype))
+            loaded["state"] = jax.tree_util.tree_unflatten(treedef, leaves)
+            return int(saved["epoch"])
+
+        epoch = on_primary(load)
+        if epoch == 0:
             return 0, like
-        saved = pickle.loads(path.read_bytes())
-        like_leaves, treedef = jax.tree_util.tree_flatten(like)
-        if saved["treedef"] != str(treedef) or len(saved["leaves"]) != len(like_leaves):
-            raise ValueError(f"{path} does not match this solver's state; delete it or drop --resume")
-        leaves = []
-        for (kind, value), reference in zip(saved["leaves"], like_leaves):
-            if kind == "prng_key":
-                leaves.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(reference)))
-            else:
-                leaves.append(jax.numpy.asarray(value, dtype=reference.dtype))
-        return saved["epoch"], jax.tree_util.tree_unflatten(treedef, leaves)
+        return epoch, distributed.broadcast(loaded.get("state", like))
 
 
 def check_results_writable(output_dir: str | os.PathLike, stem: str, *, overwrite: bool) -> None:
-    """Refuse early (before any training) if :func:`write_results` would refuse at the end."""
+    """Refuse early (before any training) if :func:`write_results` would refuse at the end
+    (in a multi-process run: if process 0's would; the error is raised in every process)."""
+    on_primary(lambda: _check_results_writable(output_dir, stem, overwrite=overwrite))
+
+
+def _check_results_writable(output_dir, stem, *, overwrite):
     if overwrite:
         return
     existing = [
@@ -320,7 +456,8 @@ def write_results(
 ) -> dict[str, Path]:
     """Write ``<stem>.json`` (config, per-run rows, summary), ``<stem>.csv`` (per-run rows),
     ``<stem>_summary.csv`` and ``<stem>.md``, each atomically. Checks every target first so
-    that a refused overwrite writes nothing."""
+    that a refused overwrite writes nothing. In a multi-process run only process 0 writes (the
+    others return the paths it writes)."""
     output_dir = Path(output_dir)
     targets = {
         "json": output_dir / f"{stem}.json",
@@ -328,6 +465,8 @@ def write_results(
         "summary_csv": output_dir / f"{stem}_summary.csv",
         "markdown": output_dir / f"{stem}.md",
     }
+    if not distributed.is_primary():
+        return targets
     if not overwrite:
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing:

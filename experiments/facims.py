@@ -10,6 +10,13 @@ per education group, the 400-200-100 ELU MLP, 50 rounds, seeds 0, 42, 666, 777, 
     python -m experiments.facims --grid=alpha_low=0.1,0.4,0.7,1.0 --seeds=0,42 --select=val_balanced_accuracy
     python -m experiments.facims --data=loans.csv --label=default --group=sex,race --methods=facims,erm
 
+Several processes or hosts (``jax.distributed``; one command per process, see
+``docs/multi_device.md``): the runs of the sweep, and with ``--shard_groups`` each run's groups,
+are split over every process's devices; process 0 evaluates and writes the results and checkpoints.
+
+    python -m experiments.facims --grid=alpha_low=0.1,0.4 --seeds=0,42 --distributed \
+        --coordinator_address=host0:12355 --num_processes=2 --process_id=0   # and =1 on the other host
+
 Your own CSV (``--data``, ``--label``, ``--group``...) or another sensitive attribute of a built-in
 dataset (``--group``): see ``experiments/data_flags.py``.
 
@@ -45,7 +52,7 @@ from absl import app, flags
 
 from experiments import cli, common, data_flags, sklearn_reference
 from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
-from fairopt import data, losses, models, sweep
+from fairopt import data, distributed, losses, models, sharding, sweep
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
 from fairopt.train import Progress, best_iterate_tracker, check_finite, evaluate, fit_resumable
@@ -86,6 +93,11 @@ flags.DEFINE_enum(
 )
 CONFIG_FLAGS = common.define_config_flags(FacimsConfig, skip=("method",))
 common.define_sweep_flags()
+common.define_distributed_flags()
+flags.DEFINE_integer(
+    "shard_groups", 1, "Devices (of all processes) that split each run's group axis; the others split the runs of "
+    "the sweep. Must divide the number of devices and the number of groups. 1: whole runs per device.", lower_bound=1,
+)
 
 _OWN_FLAGS = set(FLAGS) - _ABSL_FLAGS  # the flags of this entry point (what a resume must match)
 
@@ -122,8 +134,30 @@ def hidden_widths() -> tuple[int, ...]:
 
 
 def facims_config(method: str, setting: dict | None = None) -> FacimsConfig:
-    """The config of ``method`` from the flags, with a grid ``setting`` on top (validated)."""
-    return common.config_from_flags(FacimsConfig, FLAGS, CONFIG_FLAGS, method=method, **(setting or {}))
+    """The config of ``method`` from the flags, with a grid ``setting`` on top (validated).
+
+    With the group axis sharded (``--shard_groups`` > 1), ``--group_mapping=auto`` means the
+    vmapped round: that is the one GSPMD splits over the groups."""
+    mapping = dict(group_mapping="vmap") if FLAGS.shard_groups > 1 and FLAGS.group_mapping == "auto" else {}
+    return common.config_from_flags(FacimsConfig, FLAGS, CONFIG_FLAGS, method=method, **{**mapping, **(setting or {})})
+
+
+_MESH: list = []
+
+
+def sweep_mesh():
+    """The ``("runs", "groups")`` mesh over every device of every process (None on one device)."""
+    if not _MESH:
+        wanted = jax.device_count() > 1 or FLAGS.shard_groups > 1
+        _MESH.append(sharding.sweep_mesh(FLAGS.shard_groups) if wanted else None)
+    return _MESH[0]
+
+
+def runs_per_program(num_runs: int) -> int:
+    """``--grid_chunk`` (or all runs), rounded up to a multiple of the mesh's ``"runs"`` axis."""
+    mesh, chunk = sweep_mesh(), FLAGS.grid_chunk or num_runs
+    size = 1 if mesh is None else int(mesh.shape[sharding.RUNS_AXIS])
+    return -(-chunk // size) * size
 
 
 class SeedData:
@@ -180,17 +214,20 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
     states = init(keys, params, hyperparams, class_counts, group_counts)
     selection = BestRound(solver.predict, [seed for _, seed in padded]) if selects_round(runs[0][0]) else None
     done, (states, best) = checkpoints.restore(name, (states, selection and selection.init(states)))
+    if sweep_mesh() is not None:  # runs (and with --shard_groups groups) split over every process's devices
+        states, grouped = sharding.shard_runs((states, grouped), sweep_mesh())
     progress.update(progress.done + done * len(runs))
     step = compiled_round(solver)
     for epoch in range(done + 1, FLAGS.epochs + 1):
         states, metrics = step(states, grouped)
-        metrics = {k: float(np.mean(np.asarray(v)[: len(runs)])) for k, v in metrics.items()}
+        metrics = {k: float(np.mean(np.asarray(v)[: len(runs)])) for k, v in distributed.gather(metrics).items()}
         check_finite(metrics, what="training metric (mean over the chunk's runs) ", epoch=epoch)
-        if selection is not None:
-            best = selection.update(best, states, epoch)
+        if selection is not None:  # on every process, from the gathered states (host arrays)
+            best = selection.update(best, distributed.gather(states) if sweep_mesh() is not None else states, epoch)
         checkpoints.save(name, epoch, (states, best))
         progress.update(progress.done + len(runs), metrics)
     if selection is None:
+        states = distributed.gather(states)
         return [(sweep.take(states, index), FLAGS.epochs) for index in range(len(runs))]
     return [(sweep.take(best.state, index), int(best.epoch[index])) for index in range(len(runs))]
 
@@ -343,9 +380,18 @@ def setup(argv):
             metric, _ = common.metric_direction(FLAGS.select)
             if not metric.startswith("val_"):
                 raise ValueError(f"--select={FLAGS.select}: choose with a validation metric (val_...), never a test one")
+        if FLAGS.shard_groups > 1:
+            try:
+                sweep_mesh()
+            except ValueError as error:
+                raise ValueError(f"--shard_groups: {error}") from None
         described = data_flags.check_data_flags(  # the data load and split for every seed, or a usage error
             FLAGS, default_dataset=FLAGS.dataset, seeds=seeds, prepare=lambda d, s: prepare(d, s, FLAGS.samples_per_group)
         )
+        num_groups = len(seed_data(seeds[0]).original_train.group_counts) if FLAGS.shard_groups > 1 else 1
+        if num_groups % FLAGS.shard_groups:
+            raise ValueError(f"--shard_groups={FLAGS.shard_groups} does not divide the {num_groups} groups of the data; "
+                             f"use a divisor of {num_groups}")
         stem = f"facims_{described['name']}"
         common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
         checkpoints = common.open_checkpointer(FLAGS, _OWN_FLAGS, stem)
@@ -369,7 +415,7 @@ def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
             val_batch_size=FLAGS.batch_size,
         )
         runs = [(index, seed) for index in members for seed in seeds]
-        chunk_size = FLAGS.grid_chunk or len(runs)
+        chunk_size = runs_per_program(len(runs))
         for start in range(0, len(runs), chunk_size):
             chunk = runs[start : start + chunk_size]
             todo = [(i, s) for i, s in chunk if (method, common.setting_label(settings[i]), s) not in finished]
@@ -382,7 +428,7 @@ def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
             )
             seconds = (time.perf_counter() - started) / len(chunk)
             for (index, seed), (state, selected_round) in zip(chunk, states):
-                if (index, seed) not in todo:
+                if (index, seed) not in todo or not distributed.is_primary():  # process 0 evaluates and writes
                     continue
                 row = evaluated_row(method, seed, settings[index], solver.predict, state, seconds)
                 row["selected_round"] = selected_round
@@ -404,8 +450,14 @@ def selected_rows(rows, columns) -> tuple[list[dict], str]:
 
 
 def main(argv):
+    common.enable_compilation_cache()  # before the first compilation (JAX decides once whether to use the cache)
+    common.start_distributed(FLAGS)
+    with common.stop_together():
+        run(argv)
+
+
+def run(argv):
     seeds, settings, stem, checkpoints, described = setup(argv)
-    common.enable_compilation_cache()
     rows = checkpoints.finished_runs()
     finished = {(row["method"], row["setting"], row["seed"]) for row in rows}
     facims_methods = [m for m in FLAGS.methods if m in METHODS]
@@ -422,6 +474,8 @@ def main(argv):
                 continue
             started = time.perf_counter()
             if method in sklearn_reference.METHODS:
+                if not distributed.is_primary():  # no JAX collective inside: process 0 alone fits and scores it
+                    continue
                 test, val, chosen = sklearn_reference.fit_and_evaluate(
                     method, seed_data(seed).splits, seed=seed, num_bins=FLAGS.num_bins
                 )
@@ -429,11 +483,17 @@ def main(argv):
                 row["chosen_on_validation"] = chosen
                 progress.update(progress.done + FLAGS.epochs)
             else:
+                # trained in every process: its checkpoints are collectives (process 0 reads and writes them)
                 solver, state, chosen, epoch = run_baseline(method, seed, progress, checkpoints, f"{method}_seed{seed}")
+                if not distributed.is_primary():
+                    continue
                 row = evaluated_row(method, seed, {}, solver.predict, state, time.perf_counter() - started)
                 row.update(chosen_on_validation=chosen, selected_round=epoch)
             checkpoints.add_finished_run(row)
             rows.append(row)
+    if not distributed.is_primary():
+        print(f"process {jax.process_index()}: done; process 0 evaluates the runs and writes the results", file=sys.stderr)
+        return
     for row in rows:
         row["run"] = f"{row['method']} [{row['setting']}]" if row["setting"] else row["method"]
     recall_columns = sorted({k for row in rows for k in row if k.startswith("recall_")})
@@ -452,6 +512,8 @@ def main(argv):
         grid={name: values for name, values in common.parse_grid(FLAGS.grid, FacimsConfig).items()},
         compiled_rounds=compile_counts(),
         data=described,
+        processes=jax.process_count(),
+        mesh=None if sweep_mesh() is None else dict(sweep_mesh().shape),
     )
     targets = common.write_results(
         FLAGS.output_dir, stem, rows, summary, markdown, config=config, overwrite=FLAGS.overwrite

@@ -28,9 +28,16 @@ the data arrays ``GroupedArrays.x / y`` ``[G, N, ...]`` over ``b`` devices; the 
 state is replicated along it. ``N`` must then be a multiple of ``b`` (``group_arrays(...,
 pad_to=...)``).
 
-Multi-host (several GPU / TPU hosts): call ``jax.distributed.initialize()`` first in every
-process; ``jax.devices()`` then lists the devices of all hosts and :func:`group_mesh` spans
-them (see ``docs/multi_device.md``).
+Sweeps: a vmapped sweep (:mod:`fairopt.sweep`: states, hyperparameters and data stacked on a
+leading run axis ``[R, ...]``) is split over a mesh with axes ``("runs", "groups")``
+(:func:`sweep_mesh`): :func:`shard_runs` places the run axis over ``"runs"`` and, in FACIMS
+states and data, the group axis behind it over ``"groups"``. ``jax.jit(jax.vmap(solver.step))``
+then runs each device's runs (and groups) where they live; runs never communicate, groups only
+in the hypergradient average.
+
+Multi-host (several processes, one per host): :func:`fairopt.distributed.initialize` first in
+every process; ``jax.devices()`` then lists the devices of all hosts and :func:`group_mesh` /
+:func:`sweep_mesh` span them (see ``docs/multi_device.md``).
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ from fairopt.data.batching import GroupBatch, GroupedArrays
 __all__ = [
     "GROUP_AXIS",
     "ROWS_AXIS",
+    "RUNS_AXIS",
+    "sweep_mesh",
+    "shard_runs",
     "group_mesh",
     "group_sharding",
     "replicated_sharding",
@@ -61,6 +71,8 @@ PyTree = Any
 GROUP_AXIS = "groups"
 #: Optional second mesh axis over which the rows of the data arrays are split.
 ROWS_AXIS = "rows"
+#: Mesh axis over which the runs of a vmapped sweep are split.
+RUNS_AXIS = "runs"
 
 
 def group_mesh(num_devices: int | None = None, *, batch_devices: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -247,6 +259,72 @@ def shard_group_axis(tree: PyTree, mesh: Mesh, *, num_groups: int | None = None)
         return _put(node, mesh, PartitionSpec())
 
     return jax.tree_util.tree_map(place, tree, is_leaf=lambda node: isinstance(node, FacimsState) or _is_data(node))
+
+
+def sweep_mesh(group_devices: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``("runs", "groups")`` mesh over ``devices`` (default all, of every process).
+
+    ``group_devices`` devices split the group axis of each run; the remaining factor
+    ``len(devices) // group_devices`` splits the runs. ``group_devices=1`` (the default) puts
+    every device on the run axis: whole runs per device, no communication at all.
+
+    Raises:
+      ValueError: ``group_devices`` is not a positive divisor of the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if isinstance(group_devices, bool) or not isinstance(group_devices, (int, np.integer)) or group_devices < 1 \
+            or len(devices) % group_devices:
+        divisors = [d for d in range(1, len(devices) + 1) if len(devices) % d == 0]
+        raise ValueError(
+            f"the group axis can be split over a divisor of the {len(devices)} devices ({', '.join(map(str, divisors))}), "
+            f"got {group_devices!r}"
+        )
+    grid = np.asarray(devices, dtype=object).reshape(len(devices) // int(group_devices), int(group_devices))
+    return Mesh(grid, (RUNS_AXIS, GROUP_AXIS))
+
+
+def shard_runs(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Place a stacked sweep on a :func:`sweep_mesh`: every leaf's leading run axis over
+    ``"runs"``; in a :class:`~fairopt.solvers.facims.FacimsState` (``local_posteriors``,
+    ``local_opt_state``) and in :class:`~fairopt.data.GroupedArrays` the group axis behind it
+    over ``"groups"`` too.
+
+    The number of runs must be a multiple of the ``"runs"`` axis size (pad the sweep by
+    repeating a run) and the number of groups a multiple of the ``"groups"`` axis size.
+
+    Raises:
+      ValueError: either axis does not divide evenly (the message says which and the fix).
+    """
+    from fairopt.solvers.facims import FacimsState  # local import: keeps the data layer independent
+
+    runs_size, groups_size = int(mesh.shape[RUNS_AXIS]), _group_axis_size(mesh)
+
+    def put(leaf, group_axis: bool):
+        shape = np.shape(leaf)
+        if not shape or shape[0] % runs_size:
+            raise ValueError(
+                f"a sweep leaf of shape {shape}: its leading run axis must be a multiple of the {runs_size} devices "
+                f"of mesh axis {RUNS_AXIS!r}; pad the sweep to a multiple by repeating a run"
+            )
+        if group_axis and shape[1] % groups_size:
+            raise ValueError(
+                f"{shape[1]} groups cannot be split evenly over the {groups_size} devices of mesh axis {GROUP_AXIS!r}; "
+                f"split the groups over a divisor of {shape[1]} devices"
+            )
+        return _put(leaf, mesh, PartitionSpec(RUNS_AXIS, GROUP_AXIS) if group_axis else PartitionSpec(RUNS_AXIS))
+
+    def place(node):
+        if isinstance(node, FacimsState):
+            split = lambda tree: jax.tree_util.tree_map(lambda leaf: put(leaf, True), tree)  # noqa: E731
+            rest = node._replace(local_posteriors=None, local_opt_state=None)
+            return jax.tree_util.tree_map(lambda leaf: put(leaf, False), rest)._replace(
+                local_posteriors=split(node.local_posteriors), local_opt_state=split(node.local_opt_state)
+            )
+        if isinstance(node, GroupedArrays):
+            return GroupedArrays(*(put(leaf, True) for leaf in node))
+        return put(node, False)
+
+    return jax.tree_util.tree_map(place, tree, is_leaf=lambda node: isinstance(node, (FacimsState, GroupedArrays)))
 
 
 def pad_groups(grouped: GroupedArrays, multiple: int | Mesh) -> GroupedArrays:
