@@ -77,7 +77,8 @@ ETA_METHODS = ("l2_penalty", "lagrangian", "fairalm")
 DATASETS = tuple(common.FAIRNESS_LOADERS)
 
 # The FairnessConfig fields that change each method (a grid over other fields leaves it alone).
-_CONSTRAINED_FIELDS = ("optimizer", "learning_rate", "constraint", "surrogate", "positive_class", "eta", "eta_growth")
+_CONSTRAINED_FIELDS = ("optimizer", "learning_rate", "constraint", "surrogate", "positive_class", "eta", "eta_growth",
+                      "tolerance")
 METHOD_FIELDS = {
     "unconstrained": ("optimizer", "learning_rate"),
     "reweighting": ("optimizer", "learning_rate"),
