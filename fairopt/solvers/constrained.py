@@ -95,6 +95,7 @@ class FairnessConfig(HyperparameterConfig):
         or ramp (clipped hinge); the last two are bounded.
       positive_class: the class whose group rates are equalised.
       inner_steps: FairALM primal steps per batch (official: 5).
+      augmentation: FairALM's constraint term: paper (Alg. 2) or quadratic (textbook augmented Lagrangian).
       optimizer: primal optimiser, adam or sgd (official FairALM: sgd with learning rate 0.01).
       learning_rate: primal learning rate.
       eta: dual step / augmentation weight eta of FairALM, penalty weight of l2_penalty and ascent
@@ -105,12 +106,13 @@ class FairnessConfig(HyperparameterConfig):
     """
 
     Hyperparams: ClassVar[type] = FairnessHyperparams
-    CHOICES: ClassVar[dict] = {"surrogate": SURROGATES, "optimizer": OPTIMIZERS}
+    CHOICES: ClassVar[dict] = {"surrogate": SURROGATES, "optimizer": OPTIMIZERS, "augmentation": ("paper", "quadratic")}
 
     constraint: str = "deo"
     surrogate: str = "cross_entropy"
     positive_class: int = 1
     inner_steps: int = 5
+    augmentation: str = "paper"
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     eta: float = 0.1
