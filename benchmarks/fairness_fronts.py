@@ -104,26 +104,6 @@ flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 # ---- fronts ----------------------------------------------------------------------------------
 
 
-def hypervolume(accuracies, gaps, reference: tuple[float, float]) -> float:
-    """Area of ``{(a, g): a_ref <= a <= a_i, g_i <= g <= g_ref for some point i}``.
-
-    The region of the (accuracy up, gap down) plane that the points dominate, bounded by the
-    reference point ``(a_ref, g_ref)``; points that do not beat the reference on both axes add
-    nothing. Larger is better.
-    """
-    reference_accuracy, reference_gap = reference
-    points = sorted(
-        (float(g), float(a)) for a, g in zip(accuracies, gaps)
-        if np.isfinite(a) and np.isfinite(g) and a > reference_accuracy and g < reference_gap
-    )
-    area, best_accuracy = 0.0, reference_accuracy
-    for index, (gap, accuracy) in enumerate(points):  # by increasing gap: a staircase
-        best_accuracy = max(best_accuracy, accuracy)
-        next_gap = points[index + 1][0] if index + 1 < len(points) else reference_gap
-        area += (best_accuracy - reference_accuracy) * (next_gap - gap)
-    return area
-
-
 def select_points(rows: list[dict], val_gaps) -> list[tuple[float, str]]:
     """``[(tau, setting)]``: per validation tolerance ``tau``, the setting of best mean validation
     accuracy among those with mean validation gap ``<= tau`` (each setting listed once)."""
@@ -356,15 +336,15 @@ def hypervolumes(points, rows, chosen, reference_by_seed, val_reference, seeds) 
     per_seed = {}
     for method, settings in chosen.items():
         per_seed[method] = np.asarray([
-            hypervolume([r["accuracy"] for r in rows if r["method"] == method and r["seed"] == s and r["setting"] in settings],
+            metrics.front_hypervolume([r["accuracy"] for r in rows if r["method"] == method and r["seed"] == s and r["setting"] in settings],
                         [r["gap"] for r in rows if r["method"] == method and r["seed"] == s and r["setting"] in settings],
                         reference_by_seed[s])
             for s in seeds])
     table = []
     for method in chosen:
         part = frame[frame["method"] == method]
-        entry = dict(method=method, hypervolume=hypervolume(part["accuracy_mean"], part["gap_mean"], mean_reference),
-                     val_hypervolume=hypervolume(part["val_accuracy_mean"], part["val_gap_mean"], val_reference),
+        entry = dict(method=method, hypervolume=metrics.front_hypervolume(part["accuracy_mean"], part["gap_mean"], mean_reference),
+                     val_hypervolume=metrics.front_hypervolume(part["val_accuracy_mean"], part["val_gap_mean"], val_reference),
                      hypervolume_seed_mean=float(per_seed[method].mean()), hypervolume_seed_std=float(per_seed[method].std()))
         if "fairlearn_eg" in per_seed and method != "fairlearn_eg":
             difference = per_seed[method] - per_seed["fairlearn_eg"]

@@ -164,3 +164,18 @@ def test_unknown_augmentation_is_named():
     apply_fn, *_ = three_group_problem()
     with pytest.raises(ValueError, match="augmentation must be one of paper, quadratic"):
         fairalm(apply_fn, augmentation="cubic")
+
+
+def test_front_hypervolume_is_the_dominated_staircase_area():
+    from fairopt.metrics import front_hypervolume
+
+    reference = (0.75, 0.2)
+    # One point: a rectangle (0.85 - 0.75) x (0.2 - 0.05).
+    assert front_hypervolume([0.85], [0.05], reference) == pytest.approx(0.015)
+    # Two non-dominated points: the union of their rectangles; a dominated point and one worse than
+    # the reference on an axis add nothing, and NaN points are ignored.
+    two = (0.80 - 0.75) * (0.10 - 0.02) + (0.85 - 0.75) * (0.2 - 0.10)
+    assert front_hypervolume([0.80, 0.85], [0.02, 0.10], reference) == pytest.approx(two)
+    assert front_hypervolume([0.80, 0.85, 0.79, 0.70, 0.9, float("nan")], [0.02, 0.10, 0.15, 0.01, 0.3, 0.0],
+                             reference) == pytest.approx(two)
+    assert front_hypervolume([], [], reference) == 0.0
