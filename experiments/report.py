@@ -39,6 +39,7 @@ SUITES = (
     "fairalm_adult",
     "fairness_fronts",
 )
+OWN_FILE_SUITES = ("fairness_fronts",)  # suites that write a docs file of their own, not a section of --docs
 SUITE_TITLES = {
     "facims_credit": "FACIMS on credit card (FACIMS Table 2, Fig. 2, Fig. 3)",
     "facims_drug": "FACIMS on drug consumption (FACIMS appendix, Fig. 2 view)",
@@ -928,7 +929,7 @@ def read_sections(text: str) -> dict[str, str]:
 def assemble_docs(sections: Mapping[str, str], *, header: str) -> str:
     """``header`` then every present section in :data:`SUITES` order, each between markers."""
     parts = [header.rstrip() + "\n"]
-    missing = [s for s in SUITES if s not in sections]
+    missing = [s for s in SUITES if s not in sections and s not in OWN_FILE_SUITES]
     for suite in SUITES:
         if suite in sections:
             parts.append("\n" + BEGIN.format(suite=suite) + "\n" + sections[suite].rstrip() + "\n" + END.format(suite=suite) + "\n")
