@@ -234,6 +234,7 @@ flags.DEFINE_list("pareto_lambdas", list(PARETO_LAMBDAS), "lambda values of the 
 flags.DEFINE_string("docs", "docs/results.md", "The generated Markdown; figures go to <its folder>/figures/.")
 flags.DEFINE_string("drug_path", None, "drug_consumption.csv for facims_drug (default: $FAIROPT_DRUG_CSV).")
 flags.DEFINE_bool("overwrite", False, "Replace existing tables, figures and docs sections (and results run with other settings).")
+flags.DEFINE_list("fronts", list(FRONTS), "The fronts of the fairness_fronts suite (default: all of them).")
 flags.DEFINE_bool("retrain", False, "Train again even where results with the same command exist (needs --overwrite).")
 
 
@@ -384,11 +385,12 @@ def profile_step(suite: str, etas: dict, seeds: list[int]) -> Step:
 def plan_fronts(suite: str) -> Plan:
     seeds = _seeds((0, 1, 2))
     steps = []
-    for name, args in FRONTS.items():
+    for name in FLAGS.fronts:
+        args = FRONTS[name]
         dataset, constraint = (arg.split("=", 1)[1] for arg in args[:2])
         steps.append(Step(name, "benchmarks.fairness_fronts", [*args, f"--seeds={_csv(seeds)}"],
                           [f"fairness_fronts_{dataset}_{constraint}.{ext}" for ext in ("json", "md", "png")]))
-    settings = [f"Seeds: {_csv(seeds)}", "Linear models on every side; fairopt's grids and fairlearn's settings are the "
+    settings = [f"Seeds: {_csv(seeds)}; fronts: {', '.join(FLAGS.fronts)}", "Linear models on every side; fairopt's grids and fairlearn's settings are the "
                 "defaults of benchmarks/fairness_fronts.py (listed under each front)"]
     return Plan(suite, steps, settings)
 
@@ -620,6 +622,9 @@ def validate() -> list[str]:
                                      + f", got {value}")
         if len(set(values)) != len(values):
             raise app.UsageError(f"--{name} has repeated values: {values}")
+    unknown = [name for name in FLAGS.fronts if name not in FRONTS]
+    if unknown or not FLAGS.fronts:
+        raise app.UsageError(f"--fronts must name some of {', '.join(FRONTS)}, got {FLAGS.fronts}")
     if FLAGS.retrain and not FLAGS.overwrite:
         raise app.UsageError("--retrain replaces finished results: pass --overwrite with it")
     docs = Path(FLAGS.docs)
