@@ -49,8 +49,10 @@ accuracy_std, gap_mean, gap_std, seconds_mean}``.
 from __future__ import annotations
 
 import io
+import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +99,8 @@ flags.DEFINE_list("eg_eps", ["0.005", "0.01", "0.02", "0.05"], "ExponentiatedGra
 flags.DEFINE_integer("eg_max_iter", 50, "ExponentiatedGradient max_iter (fairlearn's default).", lower_bound=1)
 flags.DEFINE_list("gs_grid_sizes", ["5", "10"], "GridSearch grid sizes.")
 flags.DEFINE_integer("lr_max_iter", 1000, "LogisticRegression max_iter.", lower_bound=1)
+flags.DEFINE_list("merge", [], "Instead of training: merge the JSON files of runs of the same flags on other seeds "
+                  "(e.g. one process per seed on a busy machine) and write the fronts of all their seeds.")
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
 flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 
@@ -392,7 +396,20 @@ def main(argv):
     common.check_results_writable(FLAGS.output_dir, stem, overwrite=FLAGS.overwrite)
     common.enable_compilation_cache()
     rows, references, grid_seconds, compile_seconds = [], [], {}, {}
-    for seed in seeds:
+    for path in FLAGS.merge:  # finished runs on other seeds: their rows, references and timings
+        config, runs = (lambda payload: (payload["config"], payload["runs"]))(json.loads(Path(path).read_text()))
+        for name in ("dataset", "constraint", "methods", "steps", "surrogates", "etas", "tolerances", "alphas", "eg_eps",
+                     "gs_grid_sizes"):
+            if config["flags"][name] != FLAGS[name].value:
+                raise app.UsageError(f"--merge {path}: --{name}={config['flags'][name]} differs from this run's {FLAGS[name].value}")
+        rows += runs
+        references += config["references"]
+        for method, values in config["fairopt_grid_seconds"].items():
+            grid_seconds.setdefault(method, []).extend(values)
+            compile_seconds[method] = compile_seconds.get(method, 0.0) + config["fairopt_compile_seconds"][method]
+    if FLAGS.merge:
+        seeds = tuple(sorted({r["seed"] for r in rows}))
+    for seed in seeds if not FLAGS.merge else ():
         splits = load_splits(seed)
         references.append(run_reference_lr(splits, seed))
         references.append(run_fairopt_unconstrained(splits, seed))
@@ -414,7 +431,10 @@ def main(argv):
     lr_frame = reference_frame[reference_frame["method"] == "reference_sklearn_lr"]
     val_reference = (float(lr_frame["val_majority_accuracy"].mean()), float(lr_frame["val_gap"].mean()))
     hv = hypervolumes(points, rows, chosen, reference_by_seed, val_reference, seeds)
-    reference_means = reference_frame.groupby("method", sort=False)[["accuracy", "gap", "seconds"]].agg(["mean", "std"])
+    def std(values):  # ddof=0, like numpy and experiments.common.summarize
+        return float(np.std(values))
+
+    reference_means = reference_frame.groupby("method", sort=False)[["accuracy", "gap", "seconds"]].agg(["mean", std])
     reference_point = (float(reference_frame["majority_accuracy"].mean()),
                        float(reference_frame[reference_frame["method"] == "reference_sklearn_lr"]["gap"].mean()))
 

@@ -127,7 +127,8 @@ _FRONT_GRID = ["--steps=300", "--tolerances=0,0.01,0.02,0.04,0.07"]
 _FRONT_METHODS = "fairopt_fairalm,fairopt_penalty,fairopt_reweighting"
 FRONTS = {  # measured to fit a shared 2-core machine: no Lagrangian front, fewer fairlearn settings off the headline
     "adult_dp": ["--dataset=adult", "--constraint=dp", *_FRONT_GRID,
-                 f"--methods={_FRONT_METHODS},fairlearn_eg,fairlearn_gridsearch,fairlearn_threshold"],
+                 f"--methods={_FRONT_METHODS},fairlearn_eg,fairlearn_gridsearch,fairlearn_threshold",
+                 "--eg_eps=0.01,0.02,0.05", "--gs_grid_sizes=10"],
     "adult_deo": ["--dataset=adult", "--constraint=deo", *_FRONT_GRID,
                   f"--methods={_FRONT_METHODS},fairlearn_eg,fairlearn_threshold", "--eg_eps=0.01,0.05"],
     "adult_race_deo": ["--dataset=adult_race", "--constraint=deo", *_FRONT_GRID,
