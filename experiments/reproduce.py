@@ -211,7 +211,25 @@ NOTES = {
         "of reach on this feature set.",
     ],
     "fairness_fronts": [
-        "(filled in after the runs)",
+        "Every model is linear (logistic regression), on both sides: fairlearn's reductions wrap scikit-learn's "
+        "LogisticRegression, fairopt trains the same model full batch (Adam 0.05, 300 steps), which reaches "
+        "LogisticRegression's test accuracy (see the references table: the unconstrained fairopt ERM and sklearn agree "
+        "to < 0.1 point).",
+        "fairopt's front points are *deterministic* classifiers, one grid setting each, chosen on the validation split; "
+        "ExponentiatedGradient and ThresholdOptimizer return *randomised* classifiers (predictions drawn with "
+        "random_state=seed), which can reach gaps that no single linear classifier reaches. FairALM here is the "
+        "quadratic (method-of-multipliers) augmentation with the constraint |d| <= tolerance; the paper's "
+        "augmentation eta sum_g mu^g pulls every rate towards 0 as eta grows (tests/test_bounded_constraints.py).",
+        "Seconds per point: a fairopt point is charged its share of its method's grid program (grid seconds / "
+        "settings), compilation excluded and reported apart; a fairlearn point is its fit time. The machine was shared "
+        "with other jobs running at higher priority (load average 15-25), so the absolute seconds are inflated for "
+        "every method, and the ratio is only as good as the load was steady over the run.",
+        "The Lagrangian front (gradient descent-ascent) is not in these runs: on the 3-group synthetic problem its "
+        "multipliers oscillate without converging (plain GDA with Adam), and its grid cost the most time; it remains "
+        "in the benchmark (--methods=fairopt_lagrangian).",
+        "Runs on a busy machine: the Adult dp front was computed as three single-seed processes merged with "
+        "--merge (the same numbers as one three-seed run; tested on a smoke run). Adult deo, Adult race deo and CelebA "
+        "deo did not fit the session's compute and are missing; `--fronts` runs them.",
     ],
     "fairalm_adult": [
         "The FairALM paper has no Adult experiment: no paper columns; the comparison is FairALM against the "
