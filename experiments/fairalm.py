@@ -77,13 +77,14 @@ ETA_METHODS = ("l2_penalty", "lagrangian", "fairalm")
 DATASETS = tuple(common.FAIRNESS_LOADERS)
 
 # The FairnessConfig fields that change each method (a grid over other fields leaves it alone).
-_CONSTRAINED_FIELDS = ("optimizer", "learning_rate", "constraint", "surrogate", "positive_class", "eta", "eta_growth")
+_CONSTRAINED_FIELDS = ("optimizer", "learning_rate", "constraint", "surrogate", "positive_class", "eta", "eta_growth",
+                      "tolerance")
 METHOD_FIELDS = {
     "unconstrained": ("optimizer", "learning_rate"),
     "reweighting": ("optimizer", "learning_rate"),
     "l2_penalty": _CONSTRAINED_FIELDS,
     "lagrangian": _CONSTRAINED_FIELDS,
-    "fairalm": _CONSTRAINED_FIELDS + ("inner_steps",),
+    "fairalm": _CONSTRAINED_FIELDS + ("inner_steps", "augmentation"),
     "group_dro": ("optimizer", "learning_rate", "dro_step_size"),
 }
 
@@ -209,7 +210,7 @@ def make_solver(method: str, apply_fn, *, num_classes: int, num_groups: int, con
     if method == "lagrangian":
         return constrained.lagrangian(apply_fn, optimizer, **shared)
     if method == "fairalm":
-        return fairalm(apply_fn, optimizer, inner_steps=config.inner_steps, **shared)
+        return fairalm(apply_fn, optimizer, inner_steps=config.inner_steps, augmentation=config.augmentation, **shared)
     if method == "group_dro":
         return constrained.group_dro(apply_fn, optimizer, num_classes=num_classes, num_groups=num_groups)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

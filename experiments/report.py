@@ -37,7 +37,9 @@ SUITES = (
     "autobalance_groups",
     "fairalm_celeba",
     "fairalm_adult",
+    "fairness_fronts",
 )
+OWN_FILE_SUITES = ("fairness_fronts",)  # suites that write a docs file of their own, not a section of --docs
 SUITE_TITLES = {
     "facims_credit": "FACIMS on credit card (FACIMS Table 2, Fig. 2, Fig. 3)",
     "facims_drug": "FACIMS on drug consumption (FACIMS appendix, Fig. 2 view)",
@@ -45,6 +47,7 @@ SUITE_TITLES = {
     "autobalance_groups": "AutoBalance, group imbalance (AutoBalance Table 3, Fig. 5)",
     "fairalm_celeba": "FairALM on CelebA attributes (FairALM Fig. 2)",
     "fairalm_adult": "FairALM on Adult (FairALM training profiles)",
+    "fairness_fronts": "Accuracy–fairness fronts: fairopt against fairlearn (issue 15)",
 }
 DPI = 150
 plt.rcParams.update(
@@ -853,6 +856,71 @@ END = "<!-- reproduce:end {suite} -->"
 _SECTION = re.compile(r"<!-- reproduce:begin (\w+) -->\n(.*?)<!-- reproduce:end \1 -->\n?", re.S)
 
 
+def _front_claims(name: str, payload: Mapping) -> list[str]:
+    """The issue-15 "must show" checks of one front, as sentences generated from its JSON."""
+    config, claims = payload["config"], []
+    dataset, constraint = config["flags"]["dataset"], config["flags"]["constraint"]
+    points = pd.DataFrame(config["points"])
+    references = pd.DataFrame(config["references"])
+    lr = references[references["method"] == "reference_sklearn_lr"]
+    unconstrained_accuracy, unconstrained_gap = lr["accuracy"].mean(), lr["gap"].mean()
+    majority = lr["majority_accuracy"].mean()
+    ours = points[points["method"].str.startswith("fairopt_")]
+    hv = {h["method"]: h for h in config["hypervolume"]}
+    if "fairlearn_eg" in hv and len(ours):
+        best = max((h for m, h in hv.items() if m.startswith("fairopt_")), key=lambda h: h["hypervolume"])
+        eg = hv["fairlearn_eg"]
+        paired = (f"; per seed {best['hypervolume_seed_mean']:.5f} ± {best['hypervolume_seed_std']:.5f} vs "
+                  f"{eg['hypervolume_seed_mean']:.5f} ± {eg['hypervolume_seed_std']:.5f}, paired difference "
+                  f"{best.get('paired_difference_vs_eg_mean', float('nan')):+.5f} ± {best.get('paired_difference_vs_eg_std', float('nan')):.5f}")
+        claims.append(f"{name}: largest fairopt hypervolume {best['method']} {best['hypervolume']:.5f} vs "
+                      f"ExponentiatedGradient {eg['hypervolume']:.5f} ({'larger' if best['hypervolume'] > eg['hypervolume'] else 'NOT larger'}){paired}.")
+    if config.get("eg_dominance"):
+        unmatched = [d["point"] for d in config["eg_dominance"] if not d["matched_by"]]
+        claims.append(f"{name}: every ExponentiatedGradient point matched by a fairopt point at least as accurate and at most as "
+                      f"unfair (within one seed-std): {'yes' if not unmatched else 'NO, unmatched ' + ', '.join(unmatched)}.")
+    if len(ours):
+        good = ours[(ours["gap_mean"] <= 0.02) & (ours["accuracy_mean"] >= unconstrained_accuracy - 0.02)]
+        claims.append(f"{name}: fairopt points with test gap <= .02 and accuracy at most 2 points below the unconstrained "
+                      f"LogisticRegression ({unconstrained_accuracy:.4f}): "
+                      + (", ".join(f"{r.method} {r.point} ({r.accuracy_mean:.4f}, {r.gap_mean:.4f})" for r in good.itertuples())
+                         if len(good) else "none") + ".")
+        runs = pd.DataFrame(payload["runs"])
+        fairalm = runs[runs["method"] == "fairopt_fairalm"]
+        if len(fairalm):
+            per_setting = fairalm.groupby("setting")["accuracy"].mean()
+            midpoint = (majority + unconstrained_accuracy) / 2
+            front = ours[ours["method"] == "fairopt_fairalm"]
+            tightest = front.loc[front["gap_mean"].idxmin()] if len(front) else None
+            claims.append(f"{name}: FairALM accuracy above the midpoint {midpoint:.4f} of majority-class and unconstrained "
+                          f"accuracy at every grid setting (every eta and tolerance): "
+                          f"{'yes' if (per_setting > midpoint).all() else 'NO'} (lowest {per_setting.min():.4f})"
+                          + (f"; its most constrained front point has gap {tightest['gap_mean']:.4f} vs unconstrained "
+                             f"{unconstrained_gap:.4f} ({'at least halved' if tightest['gap_mean'] <= unconstrained_gap / 2 else 'NOT halved'})"
+                             if tightest is not None else "") + ".")
+    eg_seconds = config.get("eg_seconds_per_point")
+    if eg_seconds == eg_seconds and eg_seconds is not None and len(ours):
+        slowest = ours.groupby("method")["seconds_mean"].mean()
+        claims.append(f"{name}: seconds per front point (training only, same run): ExponentiatedGradient {eg_seconds:.2f}, "
+                      + ", ".join(f"{m} {v:.3f} ({eg_seconds / v:.0f}x less)" for m, v in slowest.items()) + ".")
+    return claims
+
+
+def build_fairness_fronts(results: Mapping[str, tuple[Mapping, str, Path]], *, fig_dir: Path, docs_dir: Path,
+                          prefix: str) -> Built:
+    """One subsection per front: its figure (copied into the docs' figures), the benchmark's
+    tables (its Markdown without the title) and the must-show checks as comparisons."""
+    body, figures, comparisons = [], [], []
+    for name, (payload, markdown, png) in results.items():
+        figure = common.atomic_write_bytes(Path(fig_dir) / f"{prefix}_{name}.png", Path(png).read_bytes())
+        figures.append(figure)
+        tables = markdown.split("\n", 1)[1] if markdown.startswith("# ") else markdown
+        tables = re.sub(r"^## ", "##### ", tables, flags=re.M)
+        body += [f"#### {name}", "", f"![{name}]({link(figure, docs_dir)})", "", tables.strip(), ""]
+        comparisons += _front_claims(name, payload)
+    return Built("\n".join(body), [], figures, comparisons)
+
+
 def read_sections(text: str) -> dict[str, str]:
     """The sections of a generated docs file, ``{suite: body}`` (body without the markers)."""
     return {m.group(1): m.group(2) for m in _SECTION.finditer(text)}
@@ -861,7 +929,7 @@ def read_sections(text: str) -> dict[str, str]:
 def assemble_docs(sections: Mapping[str, str], *, header: str) -> str:
     """``header`` then every present section in :data:`SUITES` order, each between markers."""
     parts = [header.rstrip() + "\n"]
-    missing = [s for s in SUITES if s not in sections]
+    missing = [s for s in SUITES if s not in sections and s not in OWN_FILE_SUITES]
     for suite in SUITES:
         if suite in sections:
             parts.append("\n" + BEGIN.format(suite=suite) + "\n" + sections[suite].rstrip() + "\n" + END.format(suite=suite) + "\n")
@@ -900,7 +968,9 @@ def _anchor(title: str) -> str:
 def section_markdown(*, suite: str, command: str, date: str, machine: Mapping[str, str], settings: Sequence[str],
                      steps: Sequence[str], body: str, comparisons: Sequence[str], notes: Sequence[str],
                      wall_seconds: float | None = None, load_end: str | None = None, shortened: bool = False,
-                     experiment_seconds: float | None = None) -> str:
+                     experiment_seconds: float | None = None,
+                     comparison_title: str = "Comparison with the paper (generated from the numbers)",
+                     notes_title: str = "Notes (hand-written: known deviations)") -> str:
     """The Markdown of one suite's section (between the markers); ``shortened``: a run with
     fewer epochs than the protocol (a smoke run), flagged at the top."""
     lines = [f"## {SUITE_TITLES[suite]}", ""]
@@ -918,8 +988,8 @@ def section_markdown(*, suite: str, command: str, date: str, machine: Mapping[st
     ]
     lines += [f"* {s}" for s in settings]
     lines += ["", "Experiments (exact commands; each writes its results files under the folder named in `--output_dir`):",
-              "", "```bash", *steps, "```", "", "### Results", "", body.rstrip(), "", "### Comparison with the paper (generated from the numbers)", ""]
+              "", "```bash", *steps, "```", "", "### Results", "", body.rstrip(), "", f"### {comparison_title}", ""]
     lines += [f"* {c}" for c in comparisons] or ["* (no paper numbers for this suite)"]
-    lines += ["", "### Notes (hand-written: known deviations)", ""]
+    lines += ["", f"### {notes_title}", ""]
     lines += [f"* {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -545,6 +545,19 @@ def cell_balanced_weights(cell_counts: ArrayLike) -> np.ndarray:
     return np.where(present, inverse, 1.0).astype(np.float32)
 
 
+def reweighing_weights(cell_counts: ArrayLike) -> np.ndarray:
+    """Kamiran & Calders' reweighing ``w_{k,g} = n_k n_g / (n n_{k,g})``: under these weights
+    the label is independent of the group (demographic parity of the weighted data); empty cells
+    get 1.
+    """
+    counts = _check_counts(cell_counts, "cell_counts", 2, allow_zero=True, fn_name="reweighing_weights")
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("reweighing_weights: cell_counts are all zero")
+    expected = counts.sum(axis=1, keepdims=True) * counts.sum(axis=0, keepdims=True) / total
+    return np.where(counts > 0, expected / np.maximum(counts, 1.0), 1.0).astype(np.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # Reductions / validation objectives.
 # ------------------------------------------------------------------------------------------------

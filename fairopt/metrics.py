@@ -107,6 +107,7 @@ __all__ = [
     "demographic_parity_difference",
     "equalized_odds_difference",
     "equal_opportunity_difference",
+    "front_hypervolume",
 ]
 
 REDUCTIONS = ("mean", "weighted", "max", "between_groups")
@@ -1114,3 +1115,28 @@ def equal_opportunity_difference(y_true, y_pred, *, sensitive_features, method: 
     predictions; groups without positives are skipped (fairlearn scores them TPR 0)."""
     predictions, labels, groups, num_groups, reduce = _fairlearn_inputs(y_true, y_pred, sensitive_features, method)
     return float(deo_gap(predictions, labels, groups, num_classes=2, num_groups=num_groups, reduce=reduce))
+
+
+def front_hypervolume(accuracies, gaps, reference: tuple[float, float]) -> float:
+    """Area of ``{(a, g): a_ref <= a <= a_i, g_i <= g <= g_ref for some point i}``.
+
+    The region of the (accuracy up, gap down) plane that the points dominate, bounded by the
+    reference point ``(a_ref, g_ref)``; points that do not beat the reference on both axes add
+    nothing. Larger is better. (The 2-D hypervolume indicator of multi-objective optimisation,
+    as a staircase sum over the points sorted by gap.)
+
+    Args:
+      accuracies, gaps: the points of a front (NaN points are ignored).
+      reference: ``(a_ref, g_ref)``, e.g. majority-class accuracy and the unconstrained gap.
+    """
+    reference_accuracy, reference_gap = reference
+    points = sorted(
+        (float(g), float(a)) for a, g in zip(accuracies, gaps)
+        if np.isfinite(a) and np.isfinite(g) and a > reference_accuracy and g < reference_gap
+    )
+    area, best_accuracy = 0.0, reference_accuracy
+    for index, (gap, accuracy) in enumerate(points):  # by increasing gap: a staircase
+        best_accuracy = max(best_accuracy, accuracy)
+        next_gap = points[index + 1][0] if index + 1 < len(points) else reference_gap
+        area += (best_accuracy - reference_accuracy) * (next_gap - gap)
+    return area

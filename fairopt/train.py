@@ -127,6 +127,25 @@ def make_epoch_fn(step: Callable, *, num_rows: int, batch_size: int) -> Callable
     return jax.jit(run_epoch)
 
 
+def full_batch_steps(step: Callable, state, x, y, groups, *, num_steps: int):
+    """``num_steps`` calls of ``step`` on the whole training set (full-batch optimisation).
+
+    Deterministic (no shuffling, no minibatch noise): every group and every rate of a
+    constraint is measured on all its rows at every step, which is what the dual updates of the
+    constrained solvers need when a group is small. Pure and jit-able: wrap it in ``jax.jit``
+    (``num_steps`` static) and ``jax.vmap`` it over stacked states to run a grid of
+    hyperparameters as one program.
+
+    Returns:
+      ``(state, metrics)``: the final state and the metrics of the last step.
+    """
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    batch = Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(groups), jnp.ones(jnp.shape(y), bool))
+    state, metrics = jax.lax.scan(lambda state, _: step(state, batch), state, None, length=int(num_steps))
+    return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
+
+
 def check_finite(tree: PyTree, *, what: str, epoch: int) -> None:
     """Raise :class:`NonFiniteError` naming ``what`` and the epoch if any leaf is NaN/inf."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)

@@ -174,3 +174,40 @@ def test_refuses_to_replace_an_existing_section_without_overwrite(tmp_path):
     assert completed.returncode != 0 and "Traceback" not in completed.stderr
     assert "--overwrite" in completed.stderr
     assert "old section" in docs.read_text() and not (tmp_path / "out").exists()
+
+
+def _front_payload(dataset: str, constraint: str) -> dict:
+    """A benchmarks.fairness_fronts JSON in miniature: two fairopt points, one EG point."""
+    points = [
+        dict(method="fairopt_fairalm", point="val gap <= 0.01: a", setting="a", accuracy_mean=0.83, accuracy_std=0.002,
+             gap_mean=0.008, gap_std=0.002, seconds_mean=1.0, val_accuracy_mean=0.83, val_gap_mean=0.009),
+        dict(method="fairopt_fairalm", point="val gap <= 0.1: b", setting="b", accuracy_mean=0.845, accuracy_std=0.002,
+             gap_mean=0.09, gap_std=0.01, seconds_mean=1.0, val_accuracy_mean=0.845, val_gap_mean=0.09),
+        dict(method="fairlearn_eg", point="eps=0.01", setting="eps=0.01", accuracy_mean=0.829, accuracy_std=0.003,
+             gap_mean=0.009, gap_std=0.002, seconds_mean=40.0, val_accuracy_mean=0.83, val_gap_mean=0.01),
+    ]
+    runs = [dict(method="fairopt_fairalm", seed=s, setting=k, accuracy=a) for s in (0, 1) for k, a in (("a", 0.83), ("b", 0.845))]
+    references = [dict(method="reference_sklearn_lr", seed=s, accuracy=0.849, gap=0.18, majority_accuracy=0.75) for s in (0, 1)]
+    hv = [dict(method="fairopt_fairalm", hypervolume=0.016, hypervolume_seed_mean=0.016, hypervolume_seed_std=0.001,
+               paired_difference_vs_eg_mean=0.001, paired_difference_vs_eg_std=0.0005),
+          dict(method="fairlearn_eg", hypervolume=0.0135, hypervolume_seed_mean=0.0135, hypervolume_seed_std=0.001)]
+    config = dict(flags=dict(dataset=dataset, constraint=constraint), points=points, references=references, hypervolume=hv,
+                  eg_dominance=[dict(point="eps=0.01", accuracy=0.829, gap=0.009, matched_by="fairopt_fairalm a")],
+                  eg_seconds_per_point=40.0)
+    return dict(config=config, runs=runs, summary=[])
+
+
+def test_fairness_fronts_section_states_the_must_show_checks(tmp_path):
+    png = tmp_path / "front.png"
+    png.write_bytes(PNG + b"0" * 6000)
+    results = {"adult_dp": (_front_payload("adult", "dp"), "# title\n\n## Points\n\n| a |\n", png)}
+    built = report.build_fairness_fronts(results, fig_dir=tmp_path / "docs" / "figures", docs_dir=tmp_path / "docs",
+                                         prefix="fairness_fronts")
+    _check_png(built.figures[0])
+    assert "##### Points" in built.markdown and "# title" not in built.markdown
+    claims = " ".join(built.comparisons)
+    assert "fairopt_fairalm 0.01600 vs ExponentiatedGradient 0.01350 (larger)" in claims
+    assert "within one seed-std): yes" in claims
+    assert "(40x less)" in claims
+    # midpoint (0.75 + 0.849) / 2 = 0.7995 < every FairALM setting; tightest gap .008 <= .18 / 2
+    assert "every eta and tolerance): yes" in claims and "at least halved" in claims

@@ -8,14 +8,22 @@ This module holds what FairALM (:mod:`fairopt.solvers.fairalm`) and its baseline
   through the lens of the confusion matrix"). With ``p = P(y_hat = c+ | x)`` the model's
   probability of the positive class ``c+``:
 
-  ===========  ===============  ===================  ==========================  ===============
-  atom         base rows        event                "cross_entropy" surrogate   "probability"
-  ===========  ===============  ===================  ==========================  ===============
-  ``"deo"``    ``y = c+``       ``y_hat != c+`` FNR  ``-log p``                  ``1 - p``
-  ``"fpr"``    ``y != c+``      ``y_hat = c+``  FPR  ``-log(1 - p)``             ``p``
-  ``"dp"``     all rows         ``y_hat = c+``       ``-log(1 - p)``             ``p``
-  ``"pp"``     ``y_hat = c+``   ``y != c+``  FDR     soft base: weights ``p``    same
-  ===========  ===============  ===================  ==========================  ===============
+  ===========  ===============  ===================  ====================  ===============  =========================
+  atom         base rows        event                "cross_entropy"       "probability"    "ramp"
+  ===========  ===============  ===================  ====================  ===============  =========================
+  ``"deo"``    ``y = c+``       ``y_hat != c+`` FNR  ``-log p``            ``1 - p``        ``clip((1 - m) / 2, 0, 1)``
+  ``"fpr"``    ``y != c+``      ``y_hat = c+``  FPR  ``-log(1 - p)``       ``p``            ``clip((1 + m) / 2, 0, 1)``
+  ``"dp"``     all rows         ``y_hat = c+``       ``-log(1 - p)``       ``p``            ``clip((1 + m) / 2, 0, 1)``
+  ``"pp"``     ``y_hat = c+``   ``y != c+``  FDR     soft base: weights ``p``  same          same
+  ===========  ===============  ===================  ====================  ===============  =========================
+
+  with ``m = log p - log(1 - p)`` the positive-class margin (the logit of ``p``). The
+  ``"cross_entropy"`` surrogates are unbounded (``-log(1 - p)`` grows without limit as
+  ``p -> 1``): with a large multiplier a step can push them, and the weights, to infinity.
+  ``"probability"`` (the sigmoid of the margin) and ``"ramp"`` (the clipped hinge) are
+  **bounded** in ``[0, 1]`` with gradients that stay finite at ``p = 0`` and ``p = 1``;
+  ``"ramp"``'s gradient is ``1/2`` on the band ``|m| < 1`` (it does not vanish as the
+  sigmoid's does near ``p = 1/2 +- 1/4``) and 0 outside it.
 
   ``"eo"`` (equalised odds) is the pair ``("deo", "fpr")``. Equal FNR is equal TPR, so the
   ``"deo"`` constraint is equal opportunity, whose gap is the paper's DEO ``|TPR_0 - TPR_1|``.
@@ -58,7 +66,7 @@ from fairopt.train import Batch, Solver, check_group_ids
 
 ATOMS = ("deo", "fpr", "dp", "pp")
 CONSTRAINTS = ("deo", "fpr", "eo", "dp", "pp")
-SURROGATES = ("cross_entropy", "probability")
+SURROGATES = ("cross_entropy", "probability", "ramp")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -69,6 +77,7 @@ class FairnessHyperparams(NamedTuple):
     eta: jax.Array
     eta_growth: jax.Array
     dro_step_size: jax.Array
+    tolerance: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,29 +91,34 @@ class FairnessConfig(HyperparameterConfig):
 
     Attributes:
       constraint: the fairness constraint(s): deo, fpr, eo, dp or pp, several joined by a comma or +.
-      surrogate: smooth surrogate of the group rates: cross_entropy (official) or probability.
+      surrogate: smooth surrogate of the group rates: cross_entropy (official, unbounded), probability (sigmoid)
+        or ramp (clipped hinge); the last two are bounded.
       positive_class: the class whose group rates are equalised.
       inner_steps: FairALM primal steps per batch (official: 5).
+      augmentation: FairALM's constraint term: paper (Alg. 2) or quadratic (textbook augmented Lagrangian).
       optimizer: primal optimiser, adam or sgd (official FairALM: sgd with learning rate 0.01).
       learning_rate: primal learning rate.
       eta: dual step / augmentation weight eta of FairALM, penalty weight of l2_penalty and ascent
         step of lagrangian (official FairALM: 20 on CelebA images).
       eta_growth: per-epoch growth of eta (official 1.01, and 1.0 keeps it constant).
       dro_step_size: group DRO step size of the cell weights.
+      tolerance: slack of the constraints, |d| <= tolerance (0: equality, the paper's).
     """
 
     Hyperparams: ClassVar[type] = FairnessHyperparams
-    CHOICES: ClassVar[dict] = {"surrogate": SURROGATES, "optimizer": OPTIMIZERS}
+    CHOICES: ClassVar[dict] = {"surrogate": SURROGATES, "optimizer": OPTIMIZERS, "augmentation": ("paper", "quadratic")}
 
     constraint: str = "deo"
     surrogate: str = "cross_entropy"
     positive_class: int = 1
     inner_steps: int = 5
+    augmentation: str = "paper"
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     eta: float = 0.1
     eta_growth: float = 1.01
     dro_step_size: float = 0.01
+    tolerance: float = 0.0
 
     def __post_init__(self):
         for name, choices in self.CHOICES.items():
@@ -118,8 +132,9 @@ class FairnessConfig(HyperparameterConfig):
         for name in ("learning_rate", "eta_growth", "dro_step_size"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FairnessConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.eta < 0:
-            raise ValueError(f"FairnessConfig.eta must be >= 0, got {self.eta}")
+        for name in ("eta", "tolerance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FairnessConfig.{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, (int, np.integer)) or self.inner_steps < 1:
             raise ValueError(f"FairnessConfig.inner_steps must be an integer >= 1 (official FairALM: 5), got {self.inner_steps!r}")
         if isinstance(self.positive_class, bool) or not isinstance(self.positive_class, (int, np.integer)) or self.positive_class < 0:
@@ -137,7 +152,7 @@ class FairnessConfig(HyperparameterConfig):
     @staticmethod
     def constrained_hyperparams(h: FairnessHyperparams) -> "ConstrainedHyperparams":
         """The :class:`ConstrainedHyperparams` of FairALM / Lagrangian / penalty (any leading axes)."""
-        return ConstrainedHyperparams(h.learning_rate, h.eta, h.eta_growth)
+        return ConstrainedHyperparams(h.learning_rate, h.eta, h.eta_growth, h.tolerance)
 
     @staticmethod
     def group_dro_hyperparams(h: FairnessHyperparams) -> "GroupDROHyperparams":
@@ -220,12 +235,16 @@ def smooth_group_rates(
       atoms: from :func:`constraint_atoms` (static).
       num_groups: G (static).
       positive_class: the class ``c+`` whose rates are equalised (static).
-      surrogate: ``"cross_entropy"`` (official code: ``-log p`` of the target of the event) or
-        ``"probability"`` (soft 0/1 rates). ``"pp"`` always uses the probability form.
+      surrogate: ``"cross_entropy"`` (official code: ``-log p`` of the target of the event;
+        unbounded), ``"probability"`` (soft 0/1 rates: the sigmoid of the margin) or ``"ramp"``
+        (the clipped hinge of the margin); see the module table. ``"pp"`` always uses the
+        probability form.
 
     Returns:
       ``(rates [C, G], present [C, G] bool)``; absent cells have rate 0 and no gradient.
     """
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {', '.join(SURROGATES)}, got {surrogate!r}")
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     groups = jnp.asarray(groups)
@@ -240,15 +259,22 @@ def smooth_group_rates(
     p_pos = jnp.exp(log_p_pos)
     y_pos = (labels == positive_class).astype(logits.dtype)
     ones = jnp.ones_like(p_pos)
-    use_ce = surrogate == "cross_entropy"
+    # The soft indicators of the events y_hat = c+ ("positive") and y_hat != c+ ("negative").
+    if surrogate == "cross_entropy":
+        positive, negative = -log_not_pos, -log_p_pos
+    elif surrogate == "probability":
+        positive, negative = p_pos, 1.0 - p_pos
+    else:  # "ramp": the hinge of the margin m = log p - log(1 - p), clipped to [0, 1]
+        margin = log_p_pos - log_not_pos
+        positive, negative = jnp.clip(0.5 * (1.0 + margin), 0.0, 1.0), jnp.clip(0.5 * (1.0 - margin), 0.0, 1.0)
     bases, weights, scores = [], [], []
     for atom in atoms:
         if atom == "deo":
-            bases.append(y_pos), weights.append(ones), scores.append(-log_p_pos if use_ce else 1.0 - p_pos)
+            bases.append(y_pos), weights.append(ones), scores.append(negative)
         elif atom == "fpr":
-            bases.append(1.0 - y_pos), weights.append(ones), scores.append(-log_not_pos if use_ce else p_pos)
+            bases.append(1.0 - y_pos), weights.append(ones), scores.append(positive)
         elif atom == "dp":
-            bases.append(ones), weights.append(ones), scores.append(-log_not_pos if use_ce else p_pos)
+            bases.append(ones), weights.append(ones), scores.append(positive)
         elif atom == "pp":
             bases.append(ones), weights.append(p_pos), scores.append(1.0 - y_pos)
         else:
@@ -325,9 +351,25 @@ def lagrangian_term(multipliers: jax.Array, deviations: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(multipliers * deviations)
 
 
-def penalty_term(deviations: jax.Array) -> jax.Array:
-    r"""``(1/2) sum_{c,g} d_{c,g}^2``; for two groups this is the paper's ``d_h^2``."""
-    return 0.5 * jnp.sum(deviations**2)
+def penalty_term(deviations: jax.Array, tolerance=0.0) -> jax.Array:
+    r"""``(1/2) sum_{c,g} max(|d_{c,g}| - tolerance, 0)^2``: the squared violation of
+    ``|d| <= tolerance``; for two groups and ``tolerance = 0`` the paper's ``d_h^2``."""
+    return 0.5 * jnp.sum(jnp.maximum(jnp.abs(deviations) - tolerance, 0.0) ** 2)
+
+
+def dual_ascent(multipliers: jax.Array, deviations: jax.Array, step_size, tolerance=0.0) -> jax.Array:
+    r"""One proximal ascent step on the multipliers of ``|d_{c,g}| <= tolerance``:
+
+        lambda <- sign(u) max(|u| - step_size * tolerance, 0),   u = lambda + step_size * d.
+
+    The constraint ``|d| <= tol`` is ``max_lambda lambda d - tol |lambda| <= 0``; the step is a
+    gradient step on ``lambda d`` followed by the proximal map of ``tol |lambda|`` (a
+    soft-threshold). With ``tolerance = 0`` it is the plain ``lambda + step_size * d`` of the
+    paper's Alg. 2; with ``tolerance > 0`` a multiplier shrinks back to 0 while its constraint
+    holds with slack (complementary slackness), so a looser tolerance costs less accuracy.
+    """
+    raised = multipliers + step_size * deviations
+    return jnp.sign(raised) * jnp.maximum(jnp.abs(raised) - step_size * tolerance, 0.0)
 
 
 def constraint_gap(deviations: jax.Array) -> jax.Array:
@@ -342,30 +384,36 @@ class ConstrainedHyperparams(NamedTuple):
     ``eta`` is FairALM's dual step and augmentation weight, the penalty weight of
     :func:`penalty` and the ascent step of :func:`lagrangian`; epoch ``e`` (from 0) uses
     ``eta * eta_growth ** e``. ``learning_rate`` is the primal step (traced when the optimiser
-    is a factory such as ``optax.adam``).
+    is a factory such as ``optax.adam``). ``tolerance`` is the slack of the constraints
+    ``|d_{c,g}| <= tolerance`` (:func:`dual_ascent`, :func:`penalty_term`; 0: equality).
     """
 
     learning_rate: jax.Array
     eta: jax.Array
     eta_growth: jax.Array
+    tolerance: jax.Array = 0.0
 
 
-def constrained_hyperparams(learning_rate=DEFAULT_LEARNING_RATE, eta=20.0, eta_growth=1.0) -> ConstrainedHyperparams:
+def constrained_hyperparams(
+    learning_rate=DEFAULT_LEARNING_RATE, eta=20.0, eta_growth=1.0, tolerance=0.0
+) -> ConstrainedHyperparams:
     """A :class:`ConstrainedHyperparams` of float32 scalars, validated in Python (ValueError)."""
-    check_numbers(learning_rate=learning_rate, eta=eta, eta_growth=eta_growth)
-    return ConstrainedHyperparams(*(jnp.asarray(v, jnp.float32) for v in (learning_rate, eta, eta_growth)))
+    check_numbers(learning_rate=learning_rate, eta=eta, eta_growth=eta_growth, tolerance=tolerance)
+    return ConstrainedHyperparams(
+        *(jnp.asarray(v, jnp.float32) for v in (learning_rate, eta, eta_growth, tolerance))
+    )
 
 
 def check_numbers(**values) -> None:
     """Validate hyperparameter values given as Python numbers (traced values are not checked):
-    ``eta`` and ``step_size`` finite and >= 0, learning rates and ``eta_growth`` finite and > 0."""
+    ``eta``, ``step_size`` and ``tolerance`` finite and >= 0, learning rates and ``eta_growth`` finite and > 0."""
     for name, value in values.items():
         if isinstance(value, jax.core.Tracer):
             continue
         array = np.asarray(value, np.float64)
         if array.shape != () or not np.isfinite(array):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if name in ("eta", "step_size", "generalization_adjustment") and array < 0:
+        if name in ("eta", "step_size", "generalization_adjustment", "tolerance") and array < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if name in ("learning_rate", "eta_growth") and not array > 0:
             hint = " (1.0: constant eta; official 1.01)" if name == "eta_growth" else ""
@@ -408,8 +456,8 @@ def build_constrained_solver(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     optimizer,
     *,
-    primal_penalty: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array],
-    dual_step: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None,
+    primal_penalty: Callable[..., jax.Array],
+    dual_step: Callable[..., jax.Array] | None,
     constraints: str | Sequence[str],
     num_groups: int,
     positive_class: int,
@@ -437,8 +485,8 @@ def build_constrained_solver(
       optimizer: the primal optimiser (the paper's step size ``tau``): a factory
         ``learning_rate -> optax.GradientTransformation`` (``optax.sgd``; the learning rate is
         then traced), a ready transformation (used as is) or None (``optax.adam``).
-      primal_penalty: ``(rates, present, multipliers, eta_t) -> scalar`` added to ``e_hat``.
-      dual_step: ``(multipliers, deviations, eta_t) -> multipliers`` or None.
+      primal_penalty: ``(rates, present, multipliers, eta_t, tolerance) -> scalar`` added to ``e_hat``.
+      dual_step: ``(multipliers, deviations, eta_t, tolerance) -> multipliers`` or None.
       constraints, num_groups, positive_class, surrogate: see :func:`smooth_group_rates`.
       eta, eta_growth, learning_rate: the defaults of ``init``'s ``hyperparams``
         (:class:`ConstrainedHyperparams`); see :func:`dual_schedule`.
@@ -487,9 +535,9 @@ def build_constrained_solver(
         )
         return loss, rates, present
 
-    def objective(params, batch, multipliers, eta_t):
+    def objective(params, batch, multipliers, eta_t, tolerance):
         loss, rates, present = rates_and_loss(params, batch)
-        return loss + primal_penalty(rates, present, multipliers, eta_t)
+        return loss + primal_penalty(rates, present, multipliers, eta_t, tolerance)
 
     def init(key, params, hyperparams: ConstrainedHyperparams | None = None):
         del key
@@ -506,7 +554,7 @@ def build_constrained_solver(
 
         def primal(carry, _):
             params, opt_state = carry
-            value, grads = jax.value_and_grad(objective)(params, batch, state.multipliers, eta_t)
+            value, grads = jax.value_and_grad(objective)(params, batch, state.multipliers, eta_t, h.tolerance)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), value
 
@@ -515,7 +563,9 @@ def build_constrained_solver(
         )
         loss, rates, present = rates_and_loss(params, batch)
         deviations = group_deviations(rates, present)
-        multipliers = state.multipliers if dual_step is None else dual_step(state.multipliers, deviations, eta_t)
+        multipliers = (
+            state.multipliers if dual_step is None else dual_step(state.multipliers, deviations, eta_t, h.tolerance)
+        )
         metrics = {
             "loss": loss,
             "objective": values[-1],
@@ -549,7 +599,8 @@ def penalty(
 ) -> Solver:
     r"""The l2-penalty baseline (FairALM paper §6, official ``L2_PENALTY``).
 
-    Minimises ``e_hat(w) + (eta_t / 2) * (1/2) sum_{c,g} (d_{c,g})^2`` — for two groups
+    Minimises ``e_hat(w) + (eta_t / 2) * (1/2) sum_{c,g} max(|d_{c,g}| - tol, 0)^2`` (``tol``:
+    the ``tolerance`` hyperparameter, default 0) — for two groups and ``tol = 0``
     ``e_hat + (eta_t / 2) (mu^{s0} - mu^{s1})^2``, the official code's
     ``loss + 0.5 * eta * (loss_t1_s0 - loss_t1_s1)**2``. One optimizer step per batch.
 
@@ -571,9 +622,9 @@ def penalty(
       A :class:`fairopt.train.Solver` (see :func:`build_constrained_solver`).
     """
 
-    def primal_penalty(rates, present, multipliers, eta_t):
+    def primal_penalty(rates, present, multipliers, eta_t, tolerance):
         del multipliers
-        return 0.5 * eta_t * penalty_term(group_deviations(rates, present))
+        return 0.5 * eta_t * penalty_term(group_deviations(rates, present), tolerance)
 
     return build_constrained_solver(
         apply_fn,
@@ -611,7 +662,8 @@ def lagrangian(
 
     Primal: descend on ``e_hat(w) + (1/2) sum_{c,g} lambda_{c,g} d_{c,g}(w)`` (for two groups
     ``e_hat + lambda (mu^{s0} - mu^{s1})``); dual: gradient ascent
-    ``lambda <- lambda + alpha_t d(w_t)``. This is FairALM without the proximal/augmentation
+    ``lambda <- lambda + alpha_t d(w_t)`` (:func:`dual_ascent`, soft-thresholded by
+    ``alpha_t * tolerance`` for ``|d| <= tolerance``). This is FairALM without the proximal/augmentation
     term ``eta (mu^{s0} + mu^{s1})`` (FairALM paper §6.2, baseline "Lagrangian" [47]).
 
     Args:
@@ -627,18 +679,15 @@ def lagrangian(
       A :class:`fairopt.train.Solver` (see :func:`build_constrained_solver`).
     """
 
-    def primal_penalty(rates, present, multipliers, eta_t):
-        del eta_t
+    def primal_penalty(rates, present, multipliers, eta_t, tolerance):
+        del eta_t, tolerance
         return lagrangian_term(multipliers, group_deviations(rates, present))
-
-    def dual_step(multipliers, deviations, eta_t):
-        return multipliers + eta_t * deviations
 
     return build_constrained_solver(
         apply_fn,
         optimizer,
         primal_penalty=primal_penalty,
-        dual_step=dual_step,
+        dual_step=dual_ascent,
         constraints=constraints,
         num_groups=num_groups,
         positive_class=positive_class,

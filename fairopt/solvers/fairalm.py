@@ -68,6 +68,7 @@ from fairopt.solvers.constrained import (
     check_numbers,
     constrained_hyperparams,
     constraint_atoms,
+    dual_ascent,
     group_deviations,
     hard_group_rates,
     lagrangian_term,
@@ -80,11 +81,13 @@ __all__ = [
     "ConstrainedState",
     "constrained_hyperparams",
     "FiniteGameResult",
+    "AUGMENTATIONS",
     "augmentation_term",
     "fairalm",
     "fairalm_finite",
     "fairalm_objective",
     "hypothesis_statistics",
+    "quadratic_augmentation",
 ]
 
 
@@ -100,7 +103,9 @@ def augmentation_term(rates: jax.Array, present: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(active, rates * weight, 0.0))
 
 
-def fairalm_objective(rates: jax.Array, present: jax.Array, multipliers: jax.Array, eta: jax.Array) -> jax.Array:
+def fairalm_objective(
+    rates: jax.Array, present: jax.Array, multipliers: jax.Array, eta: jax.Array, tolerance=0.0
+) -> jax.Array:
     r"""The constraint part of Alg. 2's primal objective (add ``e_hat`` to it).
 
     ``(1/2) sum_{c,g} lambda_{c,g} d_{c,g} + eta sum_{c,g} mu_{c,g}``; for two groups and
@@ -111,11 +116,37 @@ def fairalm_objective(rates: jax.Array, present: jax.Array, multipliers: jax.Arr
       present: ``[C, G]`` bool, groups with base rows in the batch.
       multipliers: ``[C, G]`` ``lambda``.
       eta: the current dual step / augmentation weight.
+      tolerance: the slack of ``|d| <= tolerance``; it changes only the dual step
+        (:func:`fairopt.solvers.constrained.dual_ascent`), not this primal term.
 
     Returns:
       A scalar.
     """
+    del tolerance
     return lagrangian_term(multipliers, group_deviations(rates, present)) + eta * augmentation_term(rates, present)
+
+
+def quadratic_augmentation(
+    rates: jax.Array, present: jax.Array, multipliers: jax.Array, eta: jax.Array, tolerance=0.0
+) -> jax.Array:
+    r"""The textbook augmented Lagrangian of ``|d_{c,g}| <= tolerance`` (method of multipliers).
+
+        (1/2) sum_{c,g} (1 / (2 eta)) max(|lambda_{c,g} + eta d_{c,g}| - eta tol, 0)^2
+
+    Its derivative in ``d`` is the multiplier after the dual step,
+    ``S(lambda + eta d, eta tol)`` (:func:`fairopt.solvers.constrained.dual_ascent`), so primal
+    and dual play the same proximal-point game. With ``tol = 0`` it is
+    ``(1/2) sum (lambda d + (eta / 2) d^2)`` up to a constant: the Hestenes–Powell augmented
+    Lagrangian, whose quadratic term damps the oscillation of plain descent–ascent and, unlike
+    the paper's ``eta sum_g mu^g``, does not pull every rate towards 0 (so the solution does not
+    move with ``eta``). ``eta = 0`` gives 0.
+    """
+    deviations = group_deviations(rates, present)
+    raised = jnp.abs(multipliers + eta * deviations) - eta * tolerance
+    return 0.5 * jnp.sum(jnp.maximum(raised, 0.0) ** 2) / (2.0 * jnp.maximum(eta, 1e-12))
+
+
+AUGMENTATIONS = {"paper": fairalm_objective, "quadratic": quadratic_augmentation}
 
 
 def fairalm(
@@ -131,6 +162,7 @@ def fairalm(
     inner_steps: int = 5,
     steps_per_epoch: int = 1,
     learning_rate: float = DEFAULT_LEARNING_RATE,
+    augmentation: str = "paper",
 ) -> Solver:
     r"""FairALM for deep (or any differentiable) models — paper Alg. 2.
 
@@ -139,7 +171,9 @@ def fairalm(
     1. ``inner_steps`` times: ``w <- optimizer step`` on
        ``e_hat(w; z) + (1/2) sum_{c,g} lambda_{c,g} d_{c,g}(w; z) + eta_t sum_{c,g} mu_{c,g}(w; z)``
        (two groups: ``e_hat + (lambda + eta) mu^{s0} - (lambda - eta) mu^{s1}``);
-    2. ``lambda_{c,g} <- lambda_{c,g} + eta_t d_{c,g}(w_t; z)``.
+    2. ``lambda_{c,g} <- lambda_{c,g} + eta_t d_{c,g}(w_t; z)`` (soft-thresholded by
+       ``eta_t * tolerance`` when the ``tolerance`` hyperparameter is > 0:
+       :func:`fairopt.solvers.constrained.dual_ascent`).
 
     ``e_hat`` is the mean cross-entropy; ``mu`` are the smooth group rates of
     :func:`fairopt.solvers.constrained.smooth_group_rates` (for DEO: the mean CE of the
@@ -155,12 +189,17 @@ def fairalm(
       constraints: one or several of ``"deo"``, ``"fpr"``, ``"eo"``, ``"dp"``, ``"pp"``.
       num_groups: G >= 2 (static).
       positive_class: the class whose rates are equalised.
-      surrogate: ``"cross_entropy"`` (official) or ``"probability"``.
+      surrogate: ``"cross_entropy"`` (official, unbounded), ``"probability"`` or ``"ramp"`` (bounded).
       eta: dual step size and augmentation weight (official: 20).
       eta_growth: per-epoch growth of eta (official: 1.01; 1.0 keeps it constant).
       inner_steps: primal steps per batch (official: 5).
       steps_per_epoch: batches per epoch, so that eta grows once per epoch.
       learning_rate: the primal step when ``optimizer`` is a factory.
+      augmentation: the primal objective's constraint term: ``"paper"`` (Alg. 2,
+        :func:`fairalm_objective`) or ``"quadratic"`` (the textbook augmented Lagrangian,
+        :func:`quadratic_augmentation`: it converges to the constrained optimum for any
+        ``eta``, where the paper's ``eta sum_g mu^g`` moves every rate towards 0 as ``eta``
+        grows — with G > 2 groups and large ``eta`` that is the accuracy collapse of issue 15).
 
     ``eta``, ``eta_growth`` and ``learning_rate`` are only the defaults of ``init``'s
     ``hyperparams`` (:class:`ConstrainedHyperparams`, kept in the state): pass
@@ -174,18 +213,17 @@ def fairalm(
       ``[0, num_groups)`` (:func:`fairopt.train.fit` calls it before training).
 
     Raises:
-      ValueError: on an unknown constraint/surrogate, ``num_groups < 2``, ``eta < 0``,
+      ValueError: on an unknown constraint/surrogate/augmentation, ``num_groups < 2``, ``eta < 0``,
         ``eta_growth <= 0``, ``inner_steps < 1`` or ``steps_per_epoch < 1``.
     """
 
-    def dual_step(multipliers, deviations, eta_t):
-        return multipliers + eta_t * deviations
-
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}")
     return build_constrained_solver(
         apply_fn,
         optimizer,
-        primal_penalty=fairalm_objective,
-        dual_step=dual_step,
+        primal_penalty=AUGMENTATIONS[augmentation],
+        dual_step=dual_ascent,
         constraints=constraints,
         num_groups=num_groups,
         positive_class=positive_class,
