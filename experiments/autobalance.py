@@ -724,14 +724,16 @@ TUNED_ROWS = {
     ),
 }
 # AutoBalance's validation grid per suite (its other settings: AutoBalanceConfig / the flags).
-# Long tail: from the loss of the tuned LA (init "la" at LA's chosen tau); trust_radius 0 is
-# that initial loss itself, so the selection can always fall back to it ("do no harm").
+# It starts from the loss of the suite's tuned reference baseline (INIT_BASELINE: the init at
+# that baseline's chosen tau), and that baseline itself is one more candidate of the designated
+# row (the search with no step), so the selection never does worse on validation ("do no harm").
 AUTOBALANCE_GRIDS = {
-    "longtail": {"search_space": ("la_tau", "shift_scale"), "upper_learning_rate": (0.003, 0.01, 0.03),
-                 "trust_radius": (0.0, 0.5, None), "init": ("la",)},
+    "longtail": {"search_space": ("la_tau", "shift_scale"), "upper_learning_rate": (0.01, 0.03),
+                 "trust_radius": (0.5, None), "init": ("la",)},
     "groups": {"val_objective": ("group_balanced_ce", "blend"), "upper_learning_rate": (0.01, 0.03, 0.1),
-               "init": ("ones", "la")},
+               "init": ("group_la",)},
 }
+INIT_BASELINE = {"longtail": "la", "groups": "group_la"}
 AUTOBALANCE_ROW = "AutoBalance (selected on validation)"
 SELECTION_METRIC = {"longtail": "balanced_error", "groups": "worst_group_error"}
 
@@ -834,6 +836,7 @@ def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, 
     model = _model(prepared[seeds[0]].train, settings.hidden)
     config = autobalance_config(settings, dataset_name, {})
     results, validation, chosen, cache = [], [], {}, {}
+    init_baseline = None  # (validation rows, test rows) of INIT_BASELINE's chosen setting
     for spec in TUNED_ROWS[suite]:
         begin = time.perf_counter()
         points = sweep.product(spec.grid) if spec.grid else [{}]
@@ -862,19 +865,25 @@ def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, 
             val = next(r for r in rows if r["setting"] == label and r["seed"] == seed)[f"val_{metric}"]
             results.append(dict(dataset=dataset_name, method=spec.name, setting=label, seed=seed, seconds=seconds,
                                 diverged=int(scores is None), **{f"val_{metric}": val}, **(scores or {})))
+        if spec.method == INIT_BASELINE[suite]:
+            init_baseline = ([r for r in rows if r["setting"] == label], results[-len(seeds):])
         print(f"[{dataset_name}] {spec.name}: {label or 'no knobs'} (val {metric} {value:.2f}, {len(points)} settings, "
               f"{seconds:.0f}s)", file=sys.stderr, flush=True)
-    rows, finals, trajectory = tune_autobalance(dataset_name, suite, seeds, settings, prepared, model, chosen)
+    rows, finals, trajectory = tune_autobalance(dataset_name, suite, seeds, settings, prepared, model, chosen,
+                                                init_baseline)
     return results + finals, validation + rows, trajectory
 
 
 def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, prepared: dict, model: dict,
-                     chosen: dict) -> tuple[list[dict], list[dict]]:
+                     chosen: dict, init_baseline: tuple[list[dict], list[dict]]) -> tuple[list[dict], list[dict], list]:
     """AutoBalance's part of :func:`run_tuned_dataset`: ``(validation rows, test rows, the learnt
-    loss parameters of the test runs as trajectory rows at the last search epoch)``."""
+    loss parameters of the test runs as trajectory rows at the last search epoch)``.
+
+    ``init_baseline``: the validation and test rows of the tuned baseline whose loss is
+    AutoBalance's init; it is a candidate too (the search that takes no step)."""
     metric = SELECTION_METRIC[suite]
     begin = time.perf_counter()
-    tau = chosen.get("la", {}).get("tau", settings.config.tau)  # the long tail's LA init: the tuned LA loss
+    tau = chosen.get(INIT_BASELINE[suite], {}).get("tau", settings.config.tau)  # init: the tuned baseline's loss
     tuned = dataclasses.replace(settings, config=dataclasses.replace(settings.config, tau=tau))
     points = grid_points(tuned, dataset_name, AUTOBALANCE_GRIDS[suite])
     folds = {seed: validation_folds(prepared[seed].search_val, seed) for seed in seeds}
@@ -905,7 +914,14 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
             scored = _concat(parts[0][1], parts[1][1])
             row.update({f"val_{k}": v for k, v in evaluate(np.concatenate([p for p, _ in parts]), scored).items()})
         rows.append(row)
+    base_rows, base_finals = init_baseline
+    no_step = f"no search: {base_rows[0]['method']} [{base_rows[0]['setting']}]"
+    rows += [dict(r, method=AUTOBALANCE_ROW, setting=no_step) for r in base_rows]
     label, value = choose(rows, metric)
+    if label == no_step:
+        print(f"[{dataset_name}] {AUTOBALANCE_ROW}: {label} (val {metric} {value:.2f}, {len(points)} settings searched, "
+              f"{time.perf_counter() - begin:.0f}s)", file=sys.stderr, flush=True)
+        return rows, [dict(r, method=AUTOBALANCE_ROW, setting=no_step) for r in base_finals], []
     index = next(i for i, (p, _) in enumerate(points) if common.setting_label(p) == label)
     search_states, retrain_states, _, solver, retrainer = train_grid_chunk(
         [points[index][1]] * len(seeds), list(seeds), [prepared[seed] for seed in seeds], settings, model["apply"],

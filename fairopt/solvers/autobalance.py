@@ -47,7 +47,7 @@ paper's "tau of LA loss"), ``"shift"`` (``l``), ``"scale"`` (``Delta``), ``"shif
 (``l & Delta``), ``"weight"`` (``w``); ``augment=True`` adds the per-class augmentation radii
 (:mod:`fairopt.augment`, Lemma 2). Inits (``init``): ``"ones"`` (``w = 1, l = 0, d = 1``, i.e.
 ``Delta = sigmoid(1) = 0.731``, the official ``Ones/Zeros``), ``"la"`` (``l = tau log pi``), and
-the CDT / VS inits of :func:`fairopt.hparams.init_hparams`. Class clustering
+the CDT / VS / Group-LA inits of :func:`fairopt.hparams.init_hparams`. Class clustering
 (``cluster_size = C``, §2.2, :func:`fairopt.hparams.class_clusters`): classes sorted by training
 frequency are grouped into contiguous blocks of ``C`` (a smaller last block is allowed) and
 share one hyperparameter, ``alpha_full = D alpha'`` with the ``K x K'`` indicator ``D``. With
@@ -155,7 +155,8 @@ class AutoBalanceConfig(HyperparameterConfig):
     Attributes:
       search_space: what the upper level learns: la_tau, shift (l), scale (Delta), shift_scale
         (l and Delta) or weight (w).
-      init: initial loss: ones or zeros (w = 1, l = 0, d = 1), la (l = tau log pi), cdt or vs.
+      init: initial loss: ones or zeros (w = 1, l = 0, d = 1), la (l = tau log pi), cdt, vs, or group_la
+        (Group-LA: w = 1/pi_g, l = tau log pi_{k|g}; per_group only).
       tau: logit-adjustment temperature of the la/vs inits (and the start of la_tau).
       val_objective: upper-level objective: ce, balanced_ce, group_balanced_ce, deo (CE_deo,
         eq. 4.1) or blend ((1 - lambda_val) CE + lambda_val CE_deo).
@@ -504,6 +505,9 @@ def autobalance(
     if num_features < 1:
         raise ValueError(f"num_features must be >= 1, got {num_features}")
 
+    if config.init == "group_la" and not config.per_group:
+        raise ValueError("init='group_la' (weights 1/pi_g, shift tau log pi_{k|g}) needs per_group=True ([K, G] parameters)")
+
     def search_space(tau: float):
         return hparams_lib.make_search_space(
             config.search_space,
@@ -511,6 +515,7 @@ def autobalance(
             init=config.init,
             cluster_size=config.cluster_size,
             num_groups=num_groups if config.per_group else None,
+            cell_counts=cell_counts if config.init == "group_la" else None,
             tau=tau,
         )
 
