@@ -691,6 +691,7 @@ class Tuned(NamedTuple):
     options: dict = {}
 
 
+SUITE_DATASETS = {"longtail": ("digits_lt", "synthetic_lt"), "groups": ("waterbirds_like", "celeba_blond")}
 TAUS = (0.5, 1.0, 1.5, 2.0)
 VS_GRID = {"gamma": (0.1, 0.2, 0.3), "tau": (0.5, 1.0, 1.5)}  # Kini et al. tune gamma <= 0.3 with tau ~ 1
 TUNED_ROWS = {
