@@ -48,8 +48,8 @@ hyperparameter trajectories ``<output_dir>/autobalance_<name>_trajectory.csv`` (
 for a Fig. 3-style plot), refusing to overwrite without ``--overwrite``. :func:`run_suite` is
 the entry point for a future ``experiments/reproduce.py``.
 
-Checkpoints (``--methods`` runs; a ``--suite`` has none): the training state is saved every ``--checkpoint_every`` epochs of either phase
-(AutoBalance's search state with the hyperparameter trajectory so far, then the retrain state)
+Checkpoints (``--methods`` runs; a ``--suite`` has none): the training state is saved every
+``--checkpoint_every`` epochs of either phase (AutoBalance's search state with the hyperparameter trajectory so far, then the retrain state)
 under ``<output_dir>/checkpoints/autobalance_<dataset>``, and finished runs with their
 trajectory rows; ``--resume`` (with the same flags) continues an interrupted run and ends with
 the same numbers as an uninterrupted one.
