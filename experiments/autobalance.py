@@ -7,10 +7,22 @@ One AutoBalance configuration on one dataset (search on an 80/20 (class imbalanc
     python -m experiments.autobalance --dataset=waterbirds_like --val_objective=blend --lambda_val=0.1
     python -m experiments.autobalance --dataset=digits_lt --methods=ce,la,autobalance --seeds=0,1,2
 
-The paper's tables (every row, every dataset of the suite, 3 seeds):
+The paper's tables with every method tuned on validation (every dataset of the suite):
 
-    python -m experiments.autobalance --suite=longtail     # Table 1: digits_lt, synthetic_lt
-    python -m experiments.autobalance --suite=groups       # Table 3: waterbirds_like, celeba_blond
+    python -m experiments.autobalance --suite=longtail --seeds=0,1,2,3,4   # Table 1: digits_lt, synthetic_lt
+    python -m experiments.autobalance --suite=groups --seeds=0,1,2,3,4     # Table 3: waterbirds_like, celeba_blond
+
+A suite (:func:`run_tuned_dataset`) chooses every knob on the validation split only: each
+baseline's grid (``TUNED_ROWS``: LA tau, CDT gamma, VS gamma/tau, LDAM-DRW margin/scale,
+Group-LA tau, group DRO step; one vmapped program per method) trains on the search-train split
+and is scored on the search-validation split; AutoBalance's grid (``AUTOBALANCE_GRIDS``, from
+the loss of the tuned LA / Group-LA) learns its loss on one half of the validation split and is
+scored on the other half, both ways; the setting with the best mean validation balanced error
+(long tail) / worst-group error (groups) over the seeds is retrained on all training data and
+tested once. The row ``AutoBalance (selected on validation)`` also has the tuned init baseline
+as a candidate (the search with no step), so it is never worse on validation than that baseline.
+The Markdown adds the paired differences to that row and every method's validation grid;
+``autobalance_<dataset>_validation.csv`` holds every (method, setting, seed) validation score.
 
 A sweep over AutoBalance's settings (any field of ``AutoBalanceConfig``; repeat ``--grid`` for a
 Cartesian product) runs every (setting, seed) as ONE vmapped program per phase, compiled once:
@@ -36,8 +48,8 @@ hyperparameter trajectories ``<output_dir>/autobalance_<name>_trajectory.csv`` (
 for a Fig. 3-style plot), refusing to overwrite without ``--overwrite``. :func:`run_suite` is
 the entry point for a future ``experiments/reproduce.py``.
 
-Checkpoints: the training state is saved every ``--checkpoint_every`` epochs of either phase
-(AutoBalance's search state with the hyperparameter trajectory so far, then the retrain state)
+Checkpoints (``--methods`` runs; a ``--suite`` has none): the training state is saved every
+``--checkpoint_every`` epochs of either phase (AutoBalance's search state with the hyperparameter trajectory so far, then the retrain state)
 under ``<output_dir>/checkpoints/autobalance_<dataset>``, and finished runs with their
 trajectory rows; ``--resume`` (with the same flags) continues an interrupted run and ends with
 the same numbers as an uninterrupted one.
@@ -56,6 +68,7 @@ import math
 import re
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -70,8 +83,9 @@ from experiments import cli, common, data_flags
 from fairopt import sweep
 from fairopt import data, losses, metrics, models
 from fairopt.solvers import autobalance as ab
+from fairopt.data.splits import stratified_partition
 from fairopt.solvers import constrained
-from fairopt.solvers.erm import batch_objective_erm, erm
+from fairopt.solvers.erm import batch_objective_erm, erm, erm_hyperparams
 from fairopt.train import NonFiniteError, Progress, Solver, fit_resumable, make_epoch_fn, predict_in_batches
 
 DATASETS = ("digits_lt", "synthetic_lt", "waterbirds_like", "celeba_blond")
@@ -227,28 +241,6 @@ class Row(NamedTuple):
     overrides: dict
 
 
-LONGTAIL_ROWS = (
-    Row("CE", "ce", {}),
-    Row("LDAM-DRW", "ldam_drw", {}),
-    Row("LA (tau=1)", "la", {}),
-    Row("CDT", "cdt", {}),
-    Row("AutoBalance: l", "autobalance", dict(search_space="shift", init="ones")),
-    Row("AutoBalance: Delta", "autobalance", dict(search_space="scale", init="ones")),
-    Row("AutoBalance: l & Delta", "autobalance", dict(search_space="shift_scale", init="ones")),
-    Row("AutoBalance: l & Delta, LA init", "autobalance", dict(search_space="shift_scale", init="la")),
-)
-GROUP_ROWS = (
-    Row("CE", "ce", {}),
-    Row("CE_bal^G", "group_balanced_ce", {}),
-    Row("Group-LA", "group_la", {}),
-    Row("CE_deo", "deo", {}),
-    Row("0.9 CE + 0.1 CE_deo", "blend_objective", dict(lambda_val=0.1)),
-    Row("0.1 CE + 0.9 CE_deo", "blend_objective", dict(lambda_val=0.9)),
-    Row("Group DRO", "group_dro", {}),
-    Row("AutoBalance: lambda_val=0.1", "autobalance", dict(val_objective="blend", lambda_val=0.1, per_group=True)),
-)
-SUITE_DATASETS = {"longtail": ("digits_lt", "synthetic_lt"), "groups": ("waterbirds_like", "celeba_blond")}
-SUITE_ROWS = {"longtail": LONGTAIL_ROWS, "groups": GROUP_ROWS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,19 +517,22 @@ def _stack_runs(trees):
     return sweep.stack(trees)
 
 
-def train_grid_chunk(configs: list, seeds: list[int], prepared: dict, settings: Settings, apply_fn, init_params, *,
-                     cache: dict, progress=None, checkpoints=None, run: str = "grid") -> tuple[list, list, list]:
-    """Search and retrain the runs ``zip(configs, seeds)`` (configs of one static group; seeds whose
-    data share shapes and counts) as ONE vmapped program per phase, each compiled once per
+def train_grid_chunk(configs: list, seeds: list[int], prepared: list[Prepared], settings: Settings, apply_fn, init_params,
+                     *, cache: dict, progress=None, checkpoints=None, run: str = "grid", retrain: bool = True,
+                     ) -> tuple[list, list, list]:
+    """Search and retrain the runs ``zip(configs, seeds, prepared)`` (configs of one static group;
+    data that share shapes and counts) as ONE vmapped program per phase, each compiled once per
     ``(static settings, data shapes, number of runs)`` and kept in ``cache``.
 
     Every run uses the keys of :func:`fairopt.solvers.autobalance.search_and_retrain` for its
     seed, so a grid run follows the same path as a separate run with the same numbers.
+    ``retrain=False`` stops after the search (the retrain states are then None).
 
     Returns:
-      ``(search states, retrain states, final search metrics)``, one per run (unstacked).
+      ``(search states, retrain states, final search metrics, search solver, retrain solver)``,
+      states one per run (unstacked).
     """
-    first = prepared[seeds[0]]
+    first = prepared[0]
     train = first.train
     num_classes, num_groups = train.num_classes, train.num_groups
     class_counts, cell_counts = _split_counts(first.search_train, num_classes, num_groups)
@@ -555,8 +550,8 @@ def train_grid_chunk(configs: list, seeds: list[int], prepared: dict, settings: 
         retrain_epoch = make_epoch_fn(retrainer.step, num_rows=len(train), batch_size=batch_size)
         cache[program_key] = (solver, retrainer, search_epochs, jax.jit(jax.vmap(retrain_epoch)))
     solver, retrainer, search_epochs, retrain_epochs = cache[program_key]
-    for seed in seeds:
-        for name, split in (("search_train", prepared[seed].search_train), ("search_val", prepared[seed].search_val)):
+    for seed, part in zip(seeds, prepared):
+        for name, split in (("search_train", part.search_train), ("search_val", part.search_val)):
             ab.check_labels_and_groups(split.labels, split.groups, num_classes=num_classes, num_groups=num_groups,
                                        name=f"seed {seed} {name}")
     keys = [jax.random.split(jax.random.key(seed), 5) for seed in seeds]  # as search_and_retrain
@@ -564,9 +559,9 @@ def train_grid_chunk(configs: list, seeds: list[int], prepared: dict, settings: 
     hyperparams = _stack_runs([config.hyperparams() for config in configs])
     hyper_data = _stack_runs([
         ab.HyperData(*(jnp.asarray(a) for a in (
-            prepared[s].search_train.features, prepared[s].search_train.labels, prepared[s].search_train.groups,
-            prepared[s].search_val.features, prepared[s].search_val.labels, prepared[s].search_val.groups)))
-        for s in seeds
+            p.search_train.features, p.search_train.labels, p.search_train.groups,
+            p.search_val.features, p.search_val.labels, p.search_val.groups)))
+        for p in prepared
     ])  # fmt: skip
     states = jax.vmap(solver.init)(search_keys, _stack_runs([init_params(k) for k in init_1]), hyperparams)
     nan = np.full((len(configs),), np.nan, np.float32)
@@ -585,10 +580,10 @@ def train_grid_chunk(configs: list, seeds: list[int], prepared: dict, settings: 
         if progress is not None:
             for _ in configs:
                 progress.advance({"loss": float(np.nanmean(last["loss"]))})
-    retrain = _stack_runs([
-        tuple(jnp.asarray(a) for a in (prepared[s].train.features, prepared[s].train.labels, prepared[s].train.groups))
-        for s in seeds
-    ])
+    search_metrics = [{name: float(value[i]) for name, value in last.items()} for i in range(len(configs))]
+    if not retrain:
+        return sweep.unstack(states), [None] * len(configs), search_metrics, solver, retrainer
+    retrain = _stack_runs([tuple(jnp.asarray(a) for a in (p.train.features, p.train.labels, p.train.groups)) for p in prepared])
     retrain_states = jax.vmap(lambda k, p, h, a: retrainer.init(k, p, h, hparams=a))(
         retrain_keys, _stack_runs([init_params(k) for k in init_2]), states.hyperparams, states.hparams
     )
@@ -605,7 +600,6 @@ def train_grid_chunk(configs: list, seeds: list[int], prepared: dict, settings: 
         if progress is not None:
             for _ in configs:
                 progress.advance({"loss": float(np.nanmean(np.asarray(metrics["loss"])))})
-    search_metrics = [{name: float(value[i]) for name, value in last.items()} for i in range(len(configs))]
     return sweep.unstack(states), sweep.unstack(retrain_states), search_metrics, solver, retrainer
 
 
@@ -653,7 +647,7 @@ def run_grid(dataset_name: str, settings: Settings, seeds, grid: dict, *, chunk:
                 padded = part + [part[-1]] * (size - len(part))
                 begin = time.perf_counter()
                 search_states, retrain_states, search_metrics, solver, retrainer = train_grid_chunk(
-                    [points[i][1] for i, _ in padded], [seed for _, seed in padded], prepared, settings,
+                    [points[i][1] for i, _ in padded], [seed for _, seed in padded], [prepared[seed] for _, seed in padded], settings,
                     model["apply"], model["init"], cache=cache, progress=progress, checkpoints=checkpoints,
                     run=f"grid_g{group_index}_d{data_index}_c{start // size}",
                 )  # fmt: skip
@@ -682,6 +676,265 @@ def run_grid(dataset_name: str, settings: Settings, seeds, grid: dict, *, chunk:
     return [rows[(common.setting_label(setting), seed)] for setting, _ in points for seed in seeds]
 
 
+# ------------------------------------------------------------------------------------------------
+# The suites: every method's knobs chosen on the validation split, then one test evaluation.
+# ------------------------------------------------------------------------------------------------
+
+
+class Tuned(NamedTuple):
+    """A row of a tuned suite: a display name, a method, the validation grid of its knobs
+    (``{knob: values}``; empty: nothing to tune) and fixed options."""
+
+    name: str
+    method: str
+    grid: dict
+    options: dict = {}
+
+
+SUITE_DATASETS = {"longtail": ("digits_lt", "synthetic_lt"), "groups": ("waterbirds_like", "celeba_blond")}
+TAUS = (0.5, 1.0, 1.5, 2.0)
+VS_GRID = {"gamma": (0.1, 0.2, 0.3), "tau": (0.5, 1.0, 1.5)}  # Kini et al. tune gamma <= 0.3 with tau ~ 1
+TUNED_ROWS = {
+    "longtail": (
+        Tuned("CE", "ce", {}),
+        Tuned("LDAM-DRW", "ldam_drw", {"max_margin": (0.25, 0.5, 1.0), "scale": (1.0, 3.0, 10.0)}),
+        Tuned("LA", "la", {"tau": TAUS}),
+        Tuned("CDT", "cdt", {"gamma": (0.1, 0.2, 0.3, 0.5)}),
+        Tuned("VS", "vs", VS_GRID),
+    ),
+    "groups": (
+        Tuned("CE", "ce", {}),
+        Tuned("CE_bal^G", "group_balanced_ce", {}),
+        Tuned("Group-LA", "group_la", {"tau": TAUS}),
+        Tuned("VS", "vs", VS_GRID),
+        Tuned("CE_deo", "deo", {}),
+        Tuned("0.9 CE + 0.1 CE_deo", "blend_objective", {}, {"lambda_val": 0.1}),
+        Tuned("Group DRO", "group_dro", {"step_size": (0.001, 0.01, 0.1)}),
+    ),
+}
+# AutoBalance's validation grid per suite (its other settings: AutoBalanceConfig / the flags).
+# It starts from the loss of the suite's tuned reference baseline (INIT_BASELINE: the init at
+# that baseline's chosen tau), and that baseline itself is one more candidate of the designated
+# row (the search with no step), so the selection never does worse on validation ("do no harm").
+AUTOBALANCE_GRIDS = {
+    "longtail": {"search_space": ("la_tau", "shift_scale"), "upper_learning_rate": (0.01, 0.03),
+                 "trust_radius": (0.5, None), "init": ("la",)},
+    "groups": {"val_objective": ("group_balanced_ce", "blend"), "upper_learning_rate": (0.01, 0.03, 0.1),
+               "init": ("group_la",)},
+}
+INIT_BASELINE = {"longtail": "la", "groups": "group_la"}
+AUTOBALANCE_ROW = "AutoBalance (selected on validation)"
+SELECTION_METRIC = {"longtail": "balanced_error", "groups": "worst_group_error"}
+
+
+def validation_folds(search_val: data.Dataset, seed: int) -> list[tuple[data.Dataset, data.Dataset]]:
+    """Two ``(fit, held-out)`` folds of the search-validation split for AutoBalance's
+    cross-fitted selection: the upper level learns the loss on ``fit`` and the setting is scored
+    on ``held-out`` (data its loss never saw). The two held-out halves partition the split; the
+    fit halves have equal sizes (so both folds run in one program; with an odd number of rows,
+    one row is held out in both folds but fits in neither)."""
+    strata = search_val.labels.astype(np.int64) * search_val.num_groups + search_val.groups
+    first, second = stratified_partition(strata, np.array([0.5, 0.5]), np.random.default_rng(seed + 20_000))
+    size = min(len(first), len(second))
+    return [(search_val.subset(first[:size]), search_val.subset(second)),
+            (search_val.subset(second[:size]), search_val.subset(first))]
+
+
+def tuned_baseline(spec: Tuned, apply_fn, train: data.Dataset, config: ab.AutoBalanceConfig, settings: Settings,
+                   knobs: dict) -> tuple[Solver, Any]:
+    """``(solver, hyperparams or None)`` of a baseline at the knobs ``knobs``: the knobs are data
+    (a vmapped sweep over them is one program) for the losses of
+    :data:`fairopt.losses.PARAMETRIC_LOSSES` and group DRO's step; the other baselines have none."""
+    if spec.method in losses.PARAMETRIC_LOSSES:
+        options = dict(spec.options, **knobs)
+        if spec.method == "ldam_drw":
+            options["drw_start_epoch"] = int(0.8 * settings.epochs)  # Cao et al.: 160 of 200
+        loss_fn, params = losses.make_parametric_loss(spec.method, np.maximum(train.class_counts, 1),
+                                                      cell_counts=train.cell_counts, **options)
+        phase = ab.phase_config(config, num_rows=len(train), epochs=settings.epochs, batch_size=settings.batch_size,
+                                lr_decay_fractions=settings.lr_decay_fractions)
+        solver = erm(apply_fn, loss_fn, ab.make_lower_optimizer(phase), loss_params=params,
+                     steps_per_epoch=max(1, math.ceil(len(train) / settings.batch_size)))
+        return solver, erm_hyperparams(loss_params=params)
+    solver = baseline_solver(spec.method, apply_fn, train, config, settings, **spec.options)
+    if spec.method == "group_dro":
+        return solver, constrained.group_dro_hyperparams(**knobs)
+    if knobs:
+        raise ValueError(f"{spec.name} has no knobs to tune, got {knobs}")
+    return solver, None
+
+
+def fit_runs(solver: Solver, hyperparams: list | None, seeds: list[int], datasets: list[data.Dataset],
+             settings: Settings, init_params, cache: dict, name) -> list:
+    """Train ``len(seeds)`` runs (run i: seed ``seeds[i]``, training data ``datasets[i]``, numbers
+    ``hyperparams[i]``) as one vmapped program; each run draws its keys as :func:`_train_row`.
+    Returns the final states, one per run (a diverged run has non-finite leaves)."""
+    num_rows = len(datasets[0])
+    if any(len(d) != num_rows for d in datasets):
+        raise ValueError(f"{name}: the runs of one program need equally many training rows")
+    if (name, num_rows) not in cache:
+        cache[(name, num_rows)] = jax.jit(jax.vmap(make_epoch_fn(solver.step, num_rows=num_rows,
+                                                                 batch_size=settings.batch_size)))
+    epoch_fn = cache[(name, num_rows)]
+    keys = [jax.random.split(jax.random.key(seed)) for seed in seeds]
+    init_keys, fit_keys = jnp.stack([k[0] for k in keys]), jnp.stack([k[1] for k in keys])
+    params = _stack_runs([init_params(k[0]) for k in keys])
+    if hyperparams is None:
+        states = jax.vmap(lambda key, p: solver.init(key, p))(init_keys, params)
+    else:
+        states = jax.vmap(solver.init)(init_keys, params, _stack_runs(hyperparams))
+    arrays = [jnp.stack([jnp.asarray(getattr(d, a)) for d in datasets]) for a in ("features", "labels", "groups")]
+    for epoch in range(1, settings.epochs + 1):
+        states, _ = epoch_fn(states, *arrays, jax.vmap(jax.random.fold_in, (0, None))(fit_keys, epoch))
+    return sweep.unstack(states)
+
+
+def _scores(predict, state, dataset: data.Dataset) -> dict[str, float] | None:
+    """:func:`evaluate` of a trained state on ``dataset`` (None if the run diverged)."""
+    if not _finite(state):
+        return None
+    return evaluate(predict_in_batches(predict, state, dataset.features), dataset)
+
+
+def choose(rows: list[dict], metric: str) -> tuple[str, float]:
+    """The setting with the best mean validation ``metric`` over its finite seeds, among the
+    settings with the fewest diverged seeds (so a setting that diverged on a seed is not chosen
+    while another one never diverged); ``(setting label, mean)`` (NaN if every run diverged)."""
+    failures = pd.DataFrame(rows).groupby("setting", sort=False)["diverged"].sum()
+    eligible = set(failures.index[failures == failures.min()])
+    usable = [r for r in rows if r["setting"] in eligible and not r.get("diverged")]
+    if not usable:
+        return next(iter(failures.index)), float("nan")
+    [(_, label, value)] = common.select_on_validation(usable, f"val_{metric}", by="method")
+    return label, value
+
+
+def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, *, imbalance_factor=None,
+                      celeba_rows: int = 20000) -> tuple[list[dict], list[dict]]:
+    """One dataset of a tuned suite. Every method: (1) each setting of its grid trains on the
+    search-train split and is scored on the search-validation split; (2) the setting with the
+    best mean validation :data:`SELECTION_METRIC` over the seeds retrains on all training data
+    and is tested once. AutoBalance: (1) each setting searches its loss on one half of the
+    validation split and is scored on the other half, both ways (:func:`validation_folds`);
+    (2) the chosen setting searches on the whole validation split and retrains.
+
+    Returns:
+      ``(test rows of the chosen settings, validation rows of every setting, trajectory rows)``.
+    """
+    metric = SELECTION_METRIC[suite]
+    prepared = {seed: prepare(dataset_name, seed, imbalance_factor=imbalance_factor, celeba_rows=celeba_rows)
+                for seed in seeds}
+    model = _model(prepared[seeds[0]].train, settings.hidden)
+    config = autobalance_config(settings, dataset_name, {})
+    results, validation, chosen, cache = [], [], {}, {}
+    init_baseline = None  # (validation rows, test rows) of INIT_BASELINE's chosen setting
+    for spec in TUNED_ROWS[suite]:
+        begin = time.perf_counter()
+        points = sweep.product(spec.grid) if spec.grid else [{}]
+        runs = [(point, seed) for point in points for seed in seeds]
+        select_data = [prepared[seed].search_train for _, seed in runs]
+        builds = [tuned_baseline(spec, model["apply"], d, config, settings, point) for (point, _), d in zip(runs, select_data)]
+        solver = builds[0][0]
+        states = fit_runs(solver, None if builds[0][1] is None else [h for _, h in builds], [s for _, s in runs],
+                          select_data, settings, model["init"], cache, (spec.name, "select"))
+        rows = []
+        for (point, seed), state in zip(runs, states):
+            scores = _scores(solver.predict, state, prepared[seed].search_val)
+            rows.append(dict(dataset=dataset_name, method=spec.name, setting=common.setting_label(point), seed=seed,
+                             diverged=int(scores is None), **{f"val_{k}": v for k, v in (scores or {}).items()}))
+        validation += rows
+        label, value = choose(rows, metric)
+        point = next(p for p in points if common.setting_label(p) == label)
+        chosen[spec.method] = point
+        final_data = [prepared[seed].train for seed in seeds]
+        builds = [tuned_baseline(spec, model["apply"], d, config, settings, point) for d in final_data]
+        states = fit_runs(builds[0][0], None if builds[0][1] is None else [h for _, h in builds], list(seeds),
+                          final_data, settings, model["init"], cache, (spec.name, "final"))
+        seconds = time.perf_counter() - begin
+        for seed, state in zip(seeds, states):
+            scores = _scores(builds[0][0].predict, state, prepared[seed].test)
+            val = next(r for r in rows if r["setting"] == label and r["seed"] == seed).get(f"val_{metric}", float("nan"))
+            results.append(dict(dataset=dataset_name, method=spec.name, setting=label, seed=seed, seconds=seconds,
+                                diverged=int(scores is None), **{f"val_{metric}": val}, **(scores or {})))
+        if spec.method == INIT_BASELINE[suite]:
+            init_baseline = ([r for r in rows if r["setting"] == label], results[-len(seeds):])
+        print(f"[{dataset_name}] {spec.name}: {label or 'no knobs'} (val {metric} {value:.2f}, {len(points)} settings, "
+              f"{seconds:.0f}s)", file=sys.stderr, flush=True)
+    rows, finals, trajectory = tune_autobalance(dataset_name, suite, seeds, settings, prepared, model, chosen,
+                                                init_baseline)
+    return results + finals, validation + rows, trajectory
+
+
+def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, prepared: dict, model: dict,
+                     chosen: dict, init_baseline: tuple[list[dict], list[dict]]) -> tuple[list[dict], list[dict], list]:
+    """AutoBalance's part of :func:`run_tuned_dataset`: ``(validation rows, test rows, the learnt
+    loss parameters of the test runs as trajectory rows at the last search epoch)``.
+
+    ``init_baseline``: the validation and test rows of the tuned baseline whose loss is
+    AutoBalance's init; it is a candidate too (the search that takes no step)."""
+    metric = SELECTION_METRIC[suite]
+    begin = time.perf_counter()
+    tau = chosen.get(INIT_BASELINE[suite], {}).get("tau", settings.config.tau)  # init: the tuned baseline's loss
+    tuned = dataclasses.replace(settings, config=dataclasses.replace(settings.config, tau=tau))
+    points = grid_points(tuned, dataset_name, AUTOBALANCE_GRIDS[suite])
+    folds = {seed: validation_folds(prepared[seed].search_val, seed) for seed in seeds}
+    cache: dict = {}
+    held_out: dict = {}  # (point index, seed) -> [(probabilities, held-out data)] or None (diverged)
+    for group in sweep.group_by_static([c for _, c in points]):
+        runs = [(i, seed, fold) for i in group for seed in seeds for fold in range(2)]
+        by_data: dict = {}
+        for run in runs:
+            part = prepared[run[1]]._replace(search_val=folds[run[1]][run[2]][0])
+            by_data.setdefault(_data_key(part), []).append((run, part))
+        for members in by_data.values():
+            search_states, _, _, solver, _ = train_grid_chunk(
+                [points[i][1] for (i, _, _), _ in members], [seed for (_, seed, _), _ in members],
+                [part for _, part in members], settings, model["apply"], model["init"], cache=cache, retrain=False)
+            for ((i, seed, fold), _), state in zip(members, search_states):
+                entry = held_out.setdefault((i, seed), [])
+                if entry is not None and _finite(state):
+                    heldout = folds[seed][fold][1]
+                    entry.append((predict_in_batches(solver.predict, state, heldout.features), heldout))
+                else:
+                    held_out[(i, seed)] = None
+    rows = []
+    for (i, seed), parts in held_out.items():
+        label = common.setting_label(points[i][0])
+        row = dict(dataset=dataset_name, method=AUTOBALANCE_ROW, setting=label, seed=seed, diverged=int(parts is None))
+        if parts is not None:  # the two held-out halves together: every validation row scored once
+            scored = _concat(parts[0][1], parts[1][1])
+            row.update({f"val_{k}": v for k, v in evaluate(np.concatenate([p for p, _ in parts]), scored).items()})
+        rows.append(row)
+    base_rows, base_finals = init_baseline
+    no_step = f"no search: {base_rows[0]['method']} [{base_rows[0]['setting']}]"
+    rows += [dict(r, method=AUTOBALANCE_ROW, setting=no_step) for r in base_rows]
+    label, value = choose(rows, metric)
+    if label == no_step:
+        print(f"[{dataset_name}] {AUTOBALANCE_ROW}: {label} (val {metric} {value:.2f}, {len(points)} settings searched, "
+              f"{time.perf_counter() - begin:.0f}s)", file=sys.stderr, flush=True)
+        seconds = time.perf_counter() - begin  # the search that lost to the init, not the baseline's time
+        return rows, [dict(r, method=AUTOBALANCE_ROW, setting=no_step, seconds=seconds) for r in base_finals], []
+    index = next(i for i, (p, _) in enumerate(points) if common.setting_label(p) == label)
+    search_states, retrain_states, _, solver, retrainer = train_grid_chunk(
+        [points[index][1]] * len(seeds), list(seeds), [prepared[seed] for seed in seeds], settings, model["apply"],
+        model["init"], cache=cache)
+    seconds = time.perf_counter() - begin
+    finals, trajectory = [], []
+    for seed, search_state, state in zip(seeds, search_states, retrain_states):
+        scores = _scores(retrainer.predict, state, prepared[seed].test)
+        val = next(r for r in rows if r["setting"] == label and r["seed"] == seed).get(f"val_{metric}", float("nan"))
+        counts = prepared[seed].search_train.class_counts
+        snapshot = ab.hparam_snapshot(solver, search_state.hparams)
+        finals.append(dict(dataset=dataset_name, method=AUTOBALANCE_ROW, setting=label, seed=seed, seconds=seconds,
+                           diverged=int(scores is None), **{f"val_{metric}": val}, **(scores or {}),
+                           **frequency_order_correlation(snapshot, counts)))
+        learnt = [dict(epoch=settings.epochs, **snapshot)]  # the learnt loss at the end of the search
+        trajectory += _trajectory_rows(types.SimpleNamespace(trajectory=learnt), AUTOBALANCE_ROW, seed, counts)
+    print(f"[{dataset_name}] {AUTOBALANCE_ROW}: {label} (cross-fitted val {metric} {value:.2f}, {len(points)} settings, "
+          f"{seconds:.0f}s)", file=sys.stderr, flush=True)
+    return rows, finals, trajectory
+
+
 def selected_rows(rows: list[dict], spec: str) -> list[dict]:
     """The per-seed rows of the setting chosen on the validation split (``--select``), renamed
     ``"<method> (selected on <metric>)"``, with the chosen setting in ``setting``."""
@@ -701,24 +954,23 @@ def _phases(row: Row) -> int:
     return 2 if row.method == "autobalance" else 1
 
 
-def run_suite(suite: str, seeds, settings_by_dataset: dict[str, Settings], *,
-              checkpoints: dict[str, common.Checkpointer] | None = None, **kwargs) -> dict[str, tuple]:
-    """Run a paper table (``"longtail"``: Table 1, ``"groups"``: Table 3) on its datasets
-    (``checkpoints``: optionally a :class:`common.Checkpointer` per dataset, see :func:`run_dataset`).
+def run_suite(suite: str, seeds, settings_by_dataset: dict[str, Settings], **kwargs) -> dict[str, tuple]:
+    """Run a tuned suite (``"longtail"``: Table 1 rows, ``"groups"``: Table 3 rows) on its
+    datasets, every method at its validation-chosen setting (:func:`run_tuned_dataset`).
 
     Returns:
-      ``{dataset: (metric rows, trajectory rows)}``.
+      ``{dataset: (test rows, trajectory rows, validation rows, seconds)}``.
     """
-    if suite not in SUITE_ROWS:
-        raise ValueError(f"suite must be one of {', '.join(SUITE_ROWS)}, got {suite!r}")
-    rows = SUITE_ROWS[suite]
+    if suite not in TUNED_ROWS:
+        raise ValueError(f"suite must be one of {', '.join(TUNED_ROWS)}, got {suite!r}")
     out = {}
     for dataset_name in SUITE_DATASETS[suite]:
-        settings = settings_by_dataset[dataset_name]
-        total = len(seeds) * sum(_phases(r) for r in rows) * settings.epochs
-        progress = Progress(f"autobalance:{dataset_name}", total, every=max(1, total // 20))
-        out[dataset_name] = run_dataset(dataset_name, rows, seeds, settings, progress=progress,
-                                        checkpoints=(checkpoints or {}).get(dataset_name), **kwargs)
+        begin = time.perf_counter()
+        results, validation, trajectory = run_tuned_dataset(dataset_name, suite, seeds, settings_by_dataset[dataset_name],
+                                                            **kwargs)
+        seconds = time.perf_counter() - begin
+        print(f"[{dataset_name}] validation search and retrain of every method: {seconds:.0f}s", file=sys.stderr, flush=True)
+        out[dataset_name] = (results, trajectory, validation, seconds)
     return out
 
 
@@ -727,7 +979,10 @@ GROUP_COLUMNS = ("group_balanced_error", "worst_group_error", "deo", "error", "d
 
 
 def write(dataset_name: str, results: list[dict], trajectories: list[dict], seeds, *, config: dict, overwrite: bool,
-          output_dir: str) -> str:
+          output_dir: str, validation_rows: list[dict] | None = None, seconds: float | None = None) -> str:
+    """Write the results files of one dataset; with ``validation_rows`` (a tuned suite) also
+    ``<stem>_validation.csv`` and, in the Markdown, the paired differences to the designated
+    AutoBalance row and the validation search of every method."""
     grouped = is_grouped(dataset_name)
     columns = list(GROUP_COLUMNS if grouped else LONGTAIL_COLUMNS)
     if grouped:
@@ -751,12 +1006,49 @@ def write(dataset_name: str, results: list[dict], trajectories: list[dict], seed
             f"{name} {int(count)}/{len(seeds)}" for name, count in diverged.items() if count
         ) + "\n"
     stem = f"autobalance_{dataset_name}"
+    if validation_rows is not None:
+        markdown += tuned_markdown(results, validation_rows, "worst_group_error" if grouped else "balanced_error",
+                                   ("worst_group_error", "deo") if grouped else ("balanced_error",), seconds)
+        common.atomic_write_text(Path(output_dir) / f"{stem}_validation.csv", pd.DataFrame(validation_rows).to_csv(index=False),
+                                 overwrite=True)
     trajectory_path = check_writable(output_dir, dataset_name, overwrite=overwrite)
     targets = common.write_results(output_dir, stem, results, summary, markdown, config=config, overwrite=overwrite)
     common.atomic_write_text(trajectory_path, pd.DataFrame(trajectories).to_csv(index=False), overwrite=True)
     print(markdown)
     print(f"wrote {', '.join(str(p) for p in list(targets.values()) + [trajectory_path])}", file=sys.stderr)
     return markdown
+
+
+def tuned_markdown(results: list[dict], validation: list[dict], metric: str, compared: tuple[str, ...],
+                   seconds: float | None) -> str:
+    """Markdown of a tuned suite: paired differences (per seed) of the designated AutoBalance row
+    minus every other method, and each method's validation grid with the chosen setting."""
+    frame = pd.DataFrame([r for r in results if not r.get("diverged")])
+    lines = [f"\nPaired differences over seeds, {AUTOBALANCE_ROW} minus the method (mean ± std, ddof 0; "
+             "negative: AutoBalance lower):\n", "| method | " + " | ".join(f"Δ {c}" for c in compared) + " |",
+             "|---|" + "---|" * len(compared)]
+    ours = frame[frame["method"] == AUTOBALANCE_ROW].set_index("seed")
+    for method in dict.fromkeys(frame["method"]):
+        if method == AUTOBALANCE_ROW:
+            continue
+        other = frame[frame["method"] == method].set_index("seed")
+        cells = []
+        for column in compared:
+            difference = (ours[column] - other[column]).dropna()
+            cells.append(f"{difference.mean():+.2f} ± {difference.std(ddof=0):.2f}" if len(difference) else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [f"\nValidation search (val_{metric}, mean ± std over seeds; AutoBalance: cross-fitted on the two halves "
+              "of the validation split; ✔ = chosen):\n", f"| method | setting | val_{metric} |", "|---|---|---|"]
+    chosen = {(r["method"], r["setting"]) for r in results}
+    valid = pd.DataFrame(validation)
+    for (method, setting), part in valid.groupby(["method", "setting"], sort=False):
+        values = part[f"val_{metric}"] if f"val_{metric}" in part else pd.Series(dtype=float)
+        text = "diverged" if part["diverged"].any() else f"{values.mean():.2f} ± {values.std(ddof=0):.2f}"
+        mark = " ✔" if (method, setting) in chosen else ""
+        lines.append(f"| {method} | {setting or '(none)'}{mark} | {text} |")
+    if seconds is not None:
+        lines.append(f"\nWall time of the validation search and retrain of every method: {seconds:.0f} s.")
+    return "\n".join(lines) + "\n"
 
 
 def check_writable(output_dir: str, dataset_name: str, *, overwrite: bool) -> Path:
@@ -827,8 +1119,12 @@ def setup(argv):
             ignored = [f"--{name}" for name in ("dataset", "methods", "data", "group") if FLAGS[name].present]
             if ignored:
                 raise ValueError(f"{' and '.join(ignored)} would be ignored by --suite={FLAGS.suite}; drop them or --suite")
+            if FLAGS.resume:
+                raise ValueError(f"--resume continues --methods runs; --suite={FLAGS.suite} (minutes long) has no "
+                                 "checkpoints: run it again without --resume")
             datasets, rows = SUITE_DATASETS[FLAGS.suite], None
-            overrides = [row.overrides for row in SUITE_ROWS[FLAGS.suite] if row.method == "autobalance"]
+            overrides = [{}]
+            grid = AUTOBALANCE_GRIDS[FLAGS.suite]  # checked below like a --grid
         else:
             datasets = (FLAGS.dataset,)
             if data_flags.uses_table(FLAGS):  # own CSV, or celeba_blond with another --group
@@ -880,7 +1176,11 @@ def main(argv):
     wall = time.perf_counter()
     data_options = dict(imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
     if FLAGS.suite != "none":
-        outputs = run_suite(FLAGS.suite, seeds, settings, checkpoints=checkpoints, **data_options)
+        for name, (results, trajectories, validation, seconds) in run_suite(FLAGS.suite, seeds, settings,
+                                                                               **data_options).items():
+            write(name, results, trajectories, seeds, config=config, overwrite=FLAGS.overwrite,
+                  output_dir=FLAGS.output_dir, validation_rows=validation, seconds=seconds)
+        outputs = {}
     else:
         name = next(iter(settings))  # --dataset, or the name of a --data / --group table
         runs = len(sweep.product(grid)) * len(seeds) if grid else 0

@@ -64,7 +64,7 @@ __all__ = [
 NEUTRAL_SCALE_LOGIT = 1.0
 """Initial raw ``Delta``: ``sigmoid(1) = 0.731``, as the AutoBalance code (``dy_init='Ones'``)."""
 
-INITS = ("ones", "zeros", "la", "cdt", "vs")
+INITS = ("ones", "zeros", "la", "cdt", "vs", "group_la")
 SEARCH_SPACES = ("la_tau", "shift", "scale", "shift_scale", "weight")
 
 
@@ -231,6 +231,8 @@ def init_hparams(
       into (0.5, 0.731]; a bare ``(n_k/n_max)^gamma`` would need ``logit(1) = inf`` for the
       largest class, so the common factor 0.731 (a temperature) is kept instead.
     * "vs": "la" and "cdt" together (Kini et al.).
+    * "group_la": Group-LA (:func:`fairopt.losses.group_logit_adjustment_params`): weights
+      ``w_{k,g} = 1/pi_g`` (mean 1) and shift ``tau log pi_{k|g}``; needs ``cell_counts``.
 
     Per-class targets are projected onto the dictionary by least squares (for a cluster
     dictionary: the mean over the cluster's classes; for the ``log pi`` column of "la_tau":
@@ -254,6 +256,8 @@ def init_hparams(
     if init not in INITS:
         raise ValueError(f"init_hparams: unknown init {init!r}; choose one of {INITS}")
     counts = _concrete_counts(class_counts, "init_hparams")
+    if init == "group_la" and cell_counts is None:
+        raise ValueError("init_hparams: init 'group_la' needs cell_counts=[K, G] (and num_groups=G)")
     if np.any(counts == 0) and init in ("la", "cdt", "vs"):
         raise ValueError(f"init_hparams: init {init!r} needs positive class counts, got {counts}")
     if gamma < 0:
@@ -286,9 +290,15 @@ def init_hparams(
                 f"init_hparams: cell_counts must have shape [K, G] = ({num_classes}, {num_groups}), "
                 f"got {cells.shape}"
             )
-        if init in ("la", "vs"):
-            shift_target = losses.group_logit_adjustment_params(cells, tau)[1].astype(np.float64)
-    targets = LossHparams(np.zeros(num_classes), shift_target, scale_target)
+        weight_target = np.zeros(num_classes)
+        if init in ("la", "vs", "group_la"):
+            group_weight, group_shift = losses.group_logit_adjustment_params(cells, tau)
+            shift_target = group_shift.astype(np.float64)
+            if init == "group_la":
+                weight_target = np.log(group_weight.astype(np.float64))
+    else:
+        weight_target = np.zeros(num_classes)
+    targets = LossHparams(weight_target, shift_target, scale_target)
 
     def raw(target, leaf_dictionary):
         value = _project(target, np.asarray(leaf_dictionary))

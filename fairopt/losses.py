@@ -1101,3 +1101,81 @@ def make_loss(
     loss_fn.__name__ = f"{name}_loss"
     loss_fn.__doc__ = f"Per-example {name!r} loss built by fairopt.losses.make_loss."
     return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# The same fixed losses with their knobs as data (one compiled program per loss family).
+# ------------------------------------------------------------------------------------------------
+
+
+class VSParams(NamedTuple):
+    """The numbers of :func:`vs_loss`: ``w``, ``l``, ``Delta``, each ``[K]`` or ``[K, G]``."""
+
+    weight: Array
+    shift: Array
+    scale: Array
+
+
+class LDAMDRWParams(NamedTuple):
+    """The numbers of LDAM-DRW: margins ``m [K]``, logit scale ``s``, DRW weights ``[K]`` and
+    the first re-weighted epoch."""
+
+    margins: Array
+    scale: Array
+    drw_weights: Array
+    drw_start_epoch: Array
+
+
+PARAMETRIC_LOSSES = ("ce", "la", "cdt", "vs", "group_la", "ldam_drw")
+
+
+def _parametric_vs(logits, labels, groups=None, epoch=0, params: VSParams = None):
+    return vs_loss(logits, labels, weight=params.weight, shift=params.shift, scale=params.scale, groups=groups)
+
+
+def _parametric_ldam_drw(logits, labels, groups=None, epoch=0, params: LDAMDRWParams = None):
+    logits, labels = _check_logits_labels(logits, labels, "ldam_drw loss")
+    true_class = jax.nn.one_hot(labels, logits.shape[1], dtype=logits.dtype)
+    adjusted = params.scale * (logits - true_class * params.margins[labels][:, None])
+    return vs_loss(adjusted, labels, weight=deferred_weights(params.drw_weights, epoch, params.drw_start_epoch))
+
+
+def make_parametric_loss(
+    name: str, class_counts: ArrayLike, *, cell_counts: ArrayLike | None = None, **options
+) -> tuple[Callable[..., Array], VSParams | LDAMDRWParams]:
+    """A fixed loss of :func:`make_loss` split into code and numbers, for sweeps over its knobs.
+
+    Returns ``(loss_fn, params)`` with ``loss_fn(logits, labels, groups, epoch, params) -> [B]``
+    equal to ``make_loss(name, class_counts, cell_counts=cell_counts, **options)(logits, labels,
+    groups, epoch)``. ``loss_fn`` is the same function for every value of the options (and every
+    class count), so ``fairopt.solvers.erm.erm(apply_fn, loss_fn, loss_params=params)`` trains
+    LA at several ``tau`` (or CDT at several ``gamma``, ...) as one vmapped program:
+
+    * "ce", "la", "cdt", "vs": :class:`VSParams` ``[K]`` (``w = 1``; ``l = tau log pi``;
+      ``Delta = (n / n_max)^gamma``);
+    * "group_la": :class:`VSParams` ``[K, G]`` of :func:`group_logit_adjustment_params`;
+    * "ldam_drw": :class:`LDAMDRWParams` (options ``max_margin``, ``scale``, ``beta``,
+      ``drw_start_epoch``, as :func:`make_loss`).
+
+    Raises:
+      ValueError: a name outside :data:`PARAMETRIC_LOSSES`, or what :func:`make_loss` raises.
+      TypeError: an option the loss does not take.
+    """
+    if name not in PARAMETRIC_LOSSES:
+        raise ValueError(f"make_parametric_loss: no parametric form of {name!r}; choose one of {PARAMETRIC_LOSSES}")
+    make_loss(name, class_counts, cell_counts=cell_counts, **options)  # the same checks and errors
+    counts = np.asarray(class_counts, np.float64)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    if name == "ldam_drw":
+        params = LDAMDRWParams(
+            f32(ldam_margins(counts, options.get("max_margin", 0.5))), f32(options.get("scale", 30.0)),
+            f32(drw_weights(counts, options.get("beta", 0.9999))), f32(options["drw_start_epoch"]),
+        )
+        return _parametric_ldam_drw, params
+    if name == "group_la":
+        weight, shift = group_logit_adjustment_params(cell_counts, options.get("tau", 1.0))
+        return _parametric_vs, VSParams(f32(weight), f32(shift), f32(np.ones_like(weight)))
+    ones = np.ones(counts.shape[0], np.float32)
+    shift = logit_adjustment(counts, options.get("tau", 1.0)) if name in ("la", "vs") else 0 * ones
+    scale = cdt_scale(counts, options.get("gamma", 0.3)) if name in ("cdt", "vs") else ones
+    return _parametric_vs, VSParams(f32(ones), f32(shift), f32(scale))

@@ -63,14 +63,15 @@ class HyperparameterConfig:
 
 def as_hyperparams(hyperparams, cls: type, default):
     """``default`` if ``hyperparams`` is None, else ``hyperparams`` (which must be a ``cls``, the
-    solver's hyperparameter NamedTuple, e.g. ``config.hyperparams()``) as float32 arrays."""
+    solver's hyperparameter NamedTuple, e.g. ``config.hyperparams()``) with every leaf a float32
+    array (a field may itself be a pytree of numbers, or None)."""
     if hyperparams is None:
         return default
     if not isinstance(hyperparams, cls):
         raise TypeError(
             f"hyperparams must be a {cls.__name__} (e.g. config.hyperparams()), got {type(hyperparams).__name__}"
         )
-    return cls(*(jnp.asarray(value, jnp.float32) for value in hyperparams))
+    return jax.tree_util.tree_map(lambda value: jnp.asarray(value, jnp.float32), hyperparams)  # None leaves stay None
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:

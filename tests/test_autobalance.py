@@ -430,3 +430,68 @@ def test_entry_point_grid_of_three_upper_steps_by_two_seeds_compiles_each_phase_
     assert method == "autobalance (selected on val_balanced_error)"
     means = {label: np.mean([r["val_balanced_error"] for r in rows if r["setting"] == label]) for label in {r["setting"] for r in rows}}
     assert means[setting] == min(means.values())  # the best validation mean (ties: the first setting)
+
+
+def test_trust_radius_zero_keeps_the_initial_loss_and_a_radius_bounds_the_distance_to_it():
+    base = ab.AutoBalanceConfig(search_space="shift_scale", init="la", iter_interval=1, warmup_steps=0,
+                                upper_learning_rate=0.5, neumann_terms=1)
+    solver = ab.autobalance(_linear_apply, base, class_counts=[48, 16], num_features=2)
+    epoch = ab.make_lockstep_search_epoch_fn(solver, num_rows=64, batch_size=16)
+    radii = (0.0, 0.05, None)  # None: no trust region
+    hyperparams = sweep.stack([dataclasses.replace(base, trust_radius=r).hyperparams() for r in radii])
+    keys = jax.vmap(jax.random.key)(jnp.zeros(3, jnp.int32))
+    params = jax.tree_util.tree_map(lambda leaf: jnp.stack([leaf] * 3), _linear_params(2, 2))
+    states = jax.vmap(solver.init)(keys, params, hyperparams)
+    states, _ = epoch(states, sweep.stack([_tiny_search_data(0)] * 3), keys)
+    initial = ravel_pytree(solver.initial_hparams(base.hyperparams()))[0]
+    distance = [float(jnp.linalg.norm(ravel_pytree(sweep.take(states.hparams, i))[0] - initial)) for i in range(3)]
+    assert distance[0] == 0.0  # the initial loss itself: a sweep's "no search" point
+    assert distance[2] > 0.05  # unconstrained, the four upper steps go further than the radius
+    np.testing.assert_allclose(distance[1], 0.05, rtol=1e-4)  # projected onto the sphere
+    with pytest.raises(ValueError, match="trust_radius must be None or >= 0"):
+        ab.AutoBalanceConfig(trust_radius=-1.0)
+
+
+def test_group_la_init_is_the_group_la_loss_and_needs_per_group():
+    cells = np.array([[40, 5], [10, 25]])
+    config = ab.AutoBalanceConfig(search_space="shift_scale", init="group_la", tau=1.5, per_group=True,
+                                  val_objective="group_balanced_ce")
+    solver = ab.autobalance(_linear_apply, config, class_counts=cells.sum(1), cell_counts=cells, num_features=2)
+    loss = solver.loss_params(solver.initial_hparams())
+    from fairopt import losses
+
+    weight, shift = losses.group_logit_adjustment_params(cells, 1.5)
+    np.testing.assert_allclose(np.asarray(loss.weight), weight, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(loss.shift), shift, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="group_la.*needs per_group=True"):
+        ab.autobalance(_linear_apply, dataclasses.replace(config, per_group=False, val_objective="balanced_ce"),
+                       class_counts=cells.sum(1), cell_counts=cells, num_features=2)
+
+
+def test_validation_folds_fit_on_equal_halves_and_score_every_row_once():
+    from experiments import autobalance as entry
+    from fairopt import data
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), [20, 9, 4])
+    val = data.Dataset(features=rng.normal(size=(33, 2)).astype(np.float32), labels=labels.astype(np.int32),
+                       groups=np.zeros(33, np.int32), class_names=("a", "b", "c"), group_names=("all",),
+                       feature_names=("x0", "x1"), name="toy")
+    folds = entry.validation_folds(val, seed=0)
+    (fit_a, held_a), (fit_b, held_b) = folds
+    assert len(fit_a) == len(fit_b) == 16
+    key = lambda d: {tuple(row) for row in np.asarray(d.features)}  # noqa: E731
+    assert key(held_a) | key(held_b) == key(val) and not key(held_a) & key(held_b)  # a partition
+    assert not key(fit_a) & key(held_a) and not key(fit_b) & key(held_b)  # never scored on what it fit
+    for fit in (fit_a, fit_b):
+        assert set(np.asarray(fit.labels)) == {0, 1, 2}  # stratified: every class fits in both folds
+
+
+def test_choose_skips_a_setting_with_a_diverged_seed():
+    from experiments import autobalance as entry
+
+    rows = [dict(method="m", setting="a", seed=0, diverged=0, val_balanced_error=5.0),
+            dict(method="m", setting="a", seed=1, diverged=1),
+            dict(method="m", setting="b", seed=0, diverged=0, val_balanced_error=7.0),
+            dict(method="m", setting="b", seed=1, diverged=0, val_balanced_error=9.0)]
+    assert entry.choose(rows, "balanced_error") == ("b", 8.0)

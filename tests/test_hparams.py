@@ -206,7 +206,7 @@ def test_to_loss_kwargs_same_jitted_and_not():
 
 
 @pytest.mark.parametrize("space_name", hparams.SEARCH_SPACES)
-@pytest.mark.parametrize("init", hparams.INITS)
+@pytest.mark.parametrize("init", [i for i in hparams.INITS if i != "group_la"])  # group_la: below
 def test_every_space_and_init_builds_finite_parameters(space_name, init):
     space = hparams.make_search_space(space_name, COUNTS_10, init=init, cluster_size=3)
     kwargs = hparams.to_loss_kwargs(space.hparams, space.dictionary)

@@ -613,3 +613,28 @@ def test_balanced_objectives_invariant_to_consistent_class_relabelling(per_examp
     permuted = _balanced_objectives(per_example, relabelled, groups, mask)
     assert np.all(np.isfinite(original))
     np.testing.assert_allclose(permuted, original, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("ce", {}), ("la", dict(tau=1.5)), ("cdt", dict(gamma=0.2)), ("vs", dict(gamma=0.2, tau=0.7)),
+    ("group_la", dict(tau=1.3)), ("ldam_drw", dict(max_margin=0.4, scale=3.0, drw_start_epoch=2)),
+])
+def test_parametric_loss_equals_make_loss_and_is_one_function_for_every_knob(name, options):
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    labels, groups = jnp.asarray(rng.integers(0, 4, 16)), jnp.asarray(rng.integers(0, 2, 16))
+    counts, cells = np.array([50, 20, 8, 2]), np.array([[40, 10], [5, 15], [6, 2], [1, 1]])
+    loss_fn, params = losses.make_parametric_loss(name, counts, cell_counts=cells, **options)
+    reference = losses.make_loss(name, counts, cell_counts=cells, **options)
+    for epoch in (0, 3):  # before and after DRW switches its weights on
+        np.testing.assert_allclose(loss_fn(logits, labels, groups, epoch, params), reference(logits, labels, groups, epoch),
+                                   rtol=1e-6)
+    other_fn, _ = losses.make_parametric_loss(name, counts[::-1].copy(), cell_counts=cells, **options)
+    assert other_fn is loss_fn  # other counts / knobs: other numbers, the same code (one compiled program)
+
+
+def test_parametric_loss_rejects_a_loss_without_a_parametric_form_and_unknown_options():
+    with pytest.raises(ValueError, match="no parametric form of 'weighted_ce'"):
+        losses.make_parametric_loss("weighted_ce", [3, 1])
+    with pytest.raises(TypeError, match="unexpected options \\['gamma'\\]"):
+        losses.make_parametric_loss("la", [3, 1], gamma=0.3)

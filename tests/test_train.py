@@ -194,3 +194,27 @@ def test_best_iterate_keeps_the_strictly_best_validation_iterate_per_run():
     np.testing.assert_array_equal(best.epoch, [1, 2])
     np.testing.assert_allclose(best.score, [0.75, 0.75])
     np.testing.assert_allclose(best.state["w"], [1.0, 1.0])
+
+
+def test_erm_with_loss_params_sweeps_la_tau_in_one_program_and_matches_fixed_la_runs():
+    x, y, groups = _logistic_problem(n=64)
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    batch = train.Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(groups), jnp.ones(64, bool))
+    counts = np.bincount(y, minlength=2)
+    taus = (0.5, 2.0)
+    builds = [losses.make_parametric_loss("la", counts, tau=tau) for tau in taus]
+    solver = erm(_linear_apply, builds[0][0], optax.sgd(0.5), loss_params=builds[0][1])
+    hyperparams = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[erm_hyperparams(loss_params=p) for _, p in builds])
+    states = jax.vmap(lambda h: solver.init(None, params, h))(hyperparams)
+    step = jax.jit(jax.vmap(solver.step, in_axes=(0, None)))
+    for _ in range(3):
+        states, _ = step(states, batch)
+    assert step._cache_size() == 1
+    for index, tau in enumerate(taus):  # each run = erm with the fixed LA loss at that tau
+        fixed = erm(_linear_apply, losses.make_loss("la", counts, tau=tau), optax.sgd(0.5))
+        state = fixed.init(None, params)
+        for _ in range(3):
+            state, _ = fixed.step(state, batch)
+        np.testing.assert_allclose(states.params["w"][index], state.params["w"], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="loss_params must be given exactly when the solver was built with loss_params"):
+        solver.init(None, params, erm_hyperparams())

@@ -47,7 +47,7 @@ paper's "tau of LA loss"), ``"shift"`` (``l``), ``"scale"`` (``Delta``), ``"shif
 (``l & Delta``), ``"weight"`` (``w``); ``augment=True`` adds the per-class augmentation radii
 (:mod:`fairopt.augment`, Lemma 2). Inits (``init``): ``"ones"`` (``w = 1, l = 0, d = 1``, i.e.
 ``Delta = sigmoid(1) = 0.731``, the official ``Ones/Zeros``), ``"la"`` (``l = tau log pi``), and
-the CDT / VS inits of :func:`fairopt.hparams.init_hparams`. Class clustering
+the CDT / VS / Group-LA inits of :func:`fairopt.hparams.init_hparams`. Class clustering
 (``cluster_size = C``, §2.2, :func:`fairopt.hparams.class_clusters`): classes sorted by training
 frequency are grouped into contiguous blocks of ``C`` (a smaller last block is allowed) and
 share one hyperparameter, ``alpha_full = D alpha'`` with the ``K x K'`` indicator ``D``. With
@@ -137,6 +137,7 @@ class AutoBalanceHyperparams(NamedTuple):
     neumann_alpha: jax.Array
     damping: jax.Array
     max_hypergrad_norm: jax.Array  # the largest float32: no clipping
+    trust_radius: jax.Array  # the largest float32: no trust region
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,8 @@ class AutoBalanceConfig(HyperparameterConfig):
     Attributes:
       search_space: what the upper level learns: la_tau, shift (l), scale (Delta), shift_scale
         (l and Delta) or weight (w).
-      init: initial loss: ones or zeros (w = 1, l = 0, d = 1), la (l = tau log pi), cdt or vs.
+      init: initial loss: ones or zeros (w = 1, l = 0, d = 1), la (l = tau log pi), cdt, vs, or group_la
+        (Group-LA: w = 1/pi_g, l = tau log pi_{k|g}; per_group only).
       tau: logit-adjustment temperature of the la/vs inits (and the start of la_tau).
       val_objective: upper-level objective: ce, balanced_ce, group_balanced_ce, deo (CE_deo,
         eq. 4.1) or blend ((1 - lambda_val) CE + lambda_val CE_deo).
@@ -187,6 +189,10 @@ class AutoBalanceConfig(HyperparameterConfig):
       cg_iters: conjugate-gradient iterations (inverse=cg), >= 1.
       damping: H + damping I in the inverse.
       max_hypergrad_norm: clip the hypergradient to this global norm (None: no clipping).
+      trust_radius: trust region of the search around the initial loss: after every upper step
+        the raw hyperparameters are projected onto ``||alpha - alpha_0||_2 <= trust_radius``
+        (alpha_0: ``init`` at ``tau``); 0 keeps the initial loss, so the init itself is one point
+        of a sweep (None: no trust region).
     """
 
     Hyperparams: ClassVar[type] = AutoBalanceHyperparams
@@ -228,6 +234,9 @@ class AutoBalanceConfig(HyperparameterConfig):
     cg_iters: int = 5
     damping: float = 0.0
     max_hypergrad_norm: float | None = None
+    trust_radius: float | None = None
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("max_hypergrad_norm", "trust_radius")  # None: off (largest float32)
 
     def __post_init__(self):
         for name, choices in self.CHOICES.items():
@@ -235,7 +244,7 @@ class AutoBalanceConfig(HyperparameterConfig):
                 raise ValueError(f"AutoBalanceConfig.{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
         for name in self.hyperparameter_names():
             value = getattr(self, name)
-            if name == "max_hypergrad_norm" and value is None:
+            if name in self.OPTIONAL and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
                 raise ValueError(f"AutoBalanceConfig.{name} must be a finite number, got {value!r}")
@@ -262,13 +271,16 @@ class AutoBalanceConfig(HyperparameterConfig):
         object.__setattr__(self, "lr_decay_steps", steps)
         if self.max_hypergrad_norm is not None and not self.max_hypergrad_norm > 0:
             raise ValueError(f"AutoBalanceConfig.max_hypergrad_norm must be None or > 0, got {self.max_hypergrad_norm}")
+        if self.trust_radius is not None and not self.trust_radius >= 0:
+            raise ValueError(f"AutoBalanceConfig.trust_radius must be None or >= 0, got {self.trust_radius}")
 
     def hyperparams(self) -> AutoBalanceHyperparams:
-        """The numeric fields as float32 scalars (``max_hypergrad_norm=None`` becomes the largest
-        float32, i.e. no clipping, so the state stays finite)."""
+        """The numeric fields as float32 scalars (``max_hypergrad_norm`` / ``trust_radius`` None
+        become the largest float32, i.e. no clipping / no trust region, so the state stays finite)."""
         values = {name: getattr(self, name) for name in self.hyperparameter_names()}
-        if values["max_hypergrad_norm"] is None:
-            values["max_hypergrad_norm"] = float(np.finfo(np.float32).max)
+        for name in self.OPTIONAL:
+            if values[name] is None:
+                values[name] = float(np.finfo(np.float32).max)
         return AutoBalanceHyperparams(**{name: jnp.asarray(value, jnp.float32) for name, value in values.items()})
 
     @property
@@ -493,6 +505,9 @@ def autobalance(
     if num_features < 1:
         raise ValueError(f"num_features must be >= 1, got {num_features}")
 
+    if config.init == "group_la" and not config.per_group:
+        raise ValueError("init='group_la' (weights 1/pi_g, shift tau log pi_{k|g}) needs per_group=True ([K, G] parameters)")
+
     def search_space(tau: float):
         return hparams_lib.make_search_space(
             config.search_space,
@@ -500,6 +515,7 @@ def autobalance(
             init=config.init,
             cluster_size=config.cluster_size,
             num_groups=num_groups if config.per_group else None,
+            cell_counts=cell_counts if config.init == "group_la" else None,
             tau=tau,
         )
 
@@ -651,8 +667,15 @@ def autobalance(
         factor = jnp.minimum(1.0, h.max_hypergrad_norm / jnp.maximum(norm, 1e-12))  # None in the config: no clipping
         grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
         updates, hparam_opt_state = upper_optimizer_at(h, state.step).update(grads, state.hparam_opt_state, state.hparams)
-        hparams = optax.apply_updates(state.hparams, updates)
+        hparams = within_trust_region(optax.apply_updates(state.hparams, updates), h)
         return hparams, hparam_opt_state, value, norm
+
+    def within_trust_region(hparams: AutoBalanceHparams, h: AutoBalanceHyperparams) -> AutoBalanceHparams:
+        """The projection of ``hparams`` onto ``{alpha : ||alpha - alpha_0||_2 <= h.trust_radius}``."""
+        anchor = initial_hparams(h)
+        offset = jax.tree_util.tree_map(jnp.subtract, hparams, anchor)
+        factor = jnp.minimum(1.0, h.trust_radius / jnp.maximum(optax.tree.norm(offset), 1e-12))
+        return jax.tree_util.tree_map(lambda a, d: a + factor * d, anchor, offset)
 
     def lower_update(state: AutoBalanceState, hparams: AutoBalanceHparams, batch: Batch, key):
         noise = _noise(key, batch.x.shape)

@@ -48,9 +48,10 @@ class ERMHyperparams(NamedTuple):
 
     learning_rate: jax.Array
     class_weights: jax.Array
+    loss_params: Any = None  # the numbers of a parametric loss (erm(..., loss_params=...)), else None
 
 
-def erm_hyperparams(learning_rate: float = DEFAULT_LEARNING_RATE, class_weights=1.0) -> ERMHyperparams:
+def erm_hyperparams(learning_rate: float = DEFAULT_LEARNING_RATE, class_weights=1.0, loss_params=None) -> ERMHyperparams:
     """An :class:`ERMHyperparams` of float32 arrays, validated in Python (before any tracing).
 
     Raises:
@@ -68,7 +69,7 @@ def erm_hyperparams(learning_rate: float = DEFAULT_LEARNING_RATE, class_weights=
                 "class_weights must be finite and >= 0, a scalar, [K] (per class) or [K, G] (per class and group), "
                 f"got shape {weights.shape}"
             )
-    return ERMHyperparams(jnp.asarray(learning_rate, jnp.float32), jnp.asarray(class_weights, jnp.float32))
+    return sweep.as_hyperparams(ERMHyperparams(learning_rate, class_weights, loss_params), ERMHyperparams, None)
 
 
 def as_optimizer_factory(optimizer, name: str = "optimizer") -> OptimizerFactory:
@@ -122,6 +123,7 @@ def erm(
     steps_per_epoch: int = 1,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     class_weights=1.0,
+    loss_params=None,
 ) -> Solver:
     """ERM solver: one optimizer step on the masked mean of ``w * loss_fn`` per batch.
 
@@ -135,6 +137,10 @@ def erm(
         passed to epoch-dependent losses (DRW). Static.
       learning_rate, class_weights: the defaults of ``init``'s ``hyperparams``
         (:func:`erm_hyperparams`).
+      loss_params: None, or the default numbers of a *parametric* loss (a pytree of arrays, e.g.
+        LA's ``tau log pi``): ``loss_fn`` is then called as ``loss_fn(logits, labels, groups,
+        epoch, loss_params)`` with the ``loss_params`` of the state's hyperparameters, so a
+        sweep over a loss's knobs (LA tau, CDT gamma, LDAM margins) is one compiled program.
 
     Returns:
       A :class:`fairopt.train.Solver`: ``init(key, params, hyperparams=None)`` (an
@@ -144,24 +150,29 @@ def erm(
     if not isinstance(steps_per_epoch, (int, np.integer)) or steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     factory = as_optimizer_factory(optimizer)
-    default = erm_hyperparams(learning_rate, class_weights)
+    default = erm_hyperparams(learning_rate, class_weights, loss_params)
+    parametric = loss_params is not None
 
     def init(key, params, hyperparams: ERMHyperparams | None = None):
         del key
         hyperparams = sweep.as_hyperparams(hyperparams, ERMHyperparams, default)
+        if (hyperparams.loss_params is None) == parametric:
+            raise ValueError("hyperparams.loss_params must be given exactly when the solver was built with loss_params "
+                             f"(this solver: loss_params={'given' if parametric else 'None'})")
         opt_state = factory(hyperparams.learning_rate).init(params)
         return ERMState(params, opt_state, jnp.zeros((), jnp.int32), hyperparams)
 
-    def objective(params, batch: Batch, epoch, weights):
+    def objective(params, batch: Batch, epoch, hyperparams: ERMHyperparams):
         logits = apply_fn(params, batch.x)
-        per_example = loss_fn(logits, batch.y, batch.groups, epoch)
-        return masked_mean(per_example * example_weights(weights, batch.y, batch.groups), batch.mask)
+        extra = (hyperparams.loss_params,) if parametric else ()
+        per_example = loss_fn(logits, batch.y, batch.groups, epoch, *extra)
+        return masked_mean(per_example * example_weights(hyperparams.class_weights, batch.y, batch.groups), batch.mask)
 
     def step(state: ERMState, batch: Batch):
         batch = check_batch(batch, "ERM")
         hyperparams = default if state.hyperparams is None else state.hyperparams
         epoch = state.step // steps_per_epoch
-        loss, grads = jax.value_and_grad(objective)(state.params, batch, epoch, hyperparams.class_weights)
+        loss, grads = jax.value_and_grad(objective)(state.params, batch, epoch, hyperparams)
         updates, opt_state = factory(hyperparams.learning_rate).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return ERMState(params, opt_state, state.step + 1, state.hyperparams), {"loss": loss}
