@@ -51,7 +51,7 @@ import optax
 from absl import app, flags
 
 from experiments import cli, common, data_flags, sklearn_reference
-from experiments.paper import PAPER_FACIMS_CREDIT, PAPER_SEEDS
+from experiments.paper import CLASS_COUNT_SOURCES, PAPER_FACIMS_CREDIT, PAPER_SEEDS, prepare
 from fairopt import data, distributed, losses, models, sharding, sweep
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
@@ -78,7 +78,7 @@ flags.DEFINE_list("baseline_lr", ["3e-4", "1e-3", "3e-3"], "Adam steps of the ER
                   "validation balanced accuracy is kept (with --model_selection per step).")
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
 flags.DEFINE_enum(
-    "class_counts_from", "original", ("resampled", "original"),
+    "class_counts_from", CLASS_COUNT_SOURCES[0], CLASS_COUNT_SOURCES,
     "Class counts that set the logit-adjusted VS loss v_bar, the balanced validation loss and BERM's class weights: "
     "resampled (the training rows the losses see, after --samples_per_group) or original (the training split "
     "before resampling; resampling to equal groups lowers the default rate on credit from 22 % to 13-14 %).",
@@ -110,19 +110,6 @@ REPORT_COLUMNS = (
     "sufficiency_gap_official",
     "sufficiency_gap",
 )
-
-
-def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[data.Splits, data.Dataset]:
-    """Paper protocol: label-stratified split, train-only standardisation, per-group resampling.
-
-    Returns the splits (train resampled) and the training split before resampling (whose group
-    counts set the frequency-scaled SAM radii; ``--class_counts_from`` says whose class counts
-    set the losses)."""
-    splits = data.standardize(data.facims_split(dataset, seed=seed))
-    original_train = splits.train
-    if samples_per_group:
-        splits = splits._replace(train=data.resample_per_group(original_train, samples_per_group, seed=seed))
-    return splits, original_train
 
 
 def hidden_widths() -> tuple[int, ...]:

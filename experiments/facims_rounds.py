@@ -25,7 +25,7 @@ not, is in-sample for the upper level. On drug, rounds chosen on validation scor
 Each ``--settings`` entry is ``name=value;name=value`` over FacimsConfig fields plus
 ``class_counts_from`` (resampled / original, default that of ``experiments.facims``); the empty
 entry is the defaults. ``--seeds``, ``--epochs``, ``--hidden``, ``--output_dir`` are those of
-``experiments.facims``. Writes ``<output_dir>/facims_rounds.{npz,md}``.
+``experiments.facims`` (same meaning, own defaults). Writes ``<output_dir>/facims_rounds.{npz,md}``.
 """
 
 from __future__ import annotations
@@ -41,22 +41,28 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from experiments.facims import hidden_widths, prepare
+from experiments.paper import CLASS_COUNT_SOURCES, PAPER_SEEDS, prepare
 from fairopt import data, metrics, models, sweep
 from fairopt.solvers.facims import FacimsConfig, FacimsData, facims
 
-FLAGS = flags.FLAGS  # --seeds, --epochs, --hidden and --output_dir are experiments.facims's flags
-flags.DEFINE_list("settings", [""], "Settings to compare: 'name=value;name=value' each ('' = the defaults).")
+FLAGS = flags.FLAGS
 
-CLASS_COUNTS = ("resampled", "original")
 
+def define_flags() -> None:
+    """The entry point's flags, defined when it runs (importing the module for its functions, e.g.
+    in tests next to other entry points, defines none)."""
+    flags.DEFINE_list("settings", [""], "Settings to compare: 'name=value;name=value' each ('' = the defaults).")
+    flags.DEFINE_list("seeds", [str(s) for s in PAPER_SEEDS], "Seeds (paired across settings).")
+    flags.DEFINE_integer("epochs", 50, "Rounds.", lower_bound=1)
+    flags.DEFINE_list("hidden", ["400", "200", "100"], "MLP widths.")
+    flags.DEFINE_string("output_dir", "results/facims_rounds", "Folder of the npz and the markdown report.")
 
 def parse_setting(text: str) -> tuple[FacimsConfig, str]:
     """``name=value;...`` -> (config, class-count source)."""
     fields = dict(item.split("=", 1) for item in text.split(";") if item)
-    counts = fields.pop("class_counts_from", FLAGS["class_counts_from"].default)
-    if counts not in CLASS_COUNTS:
-        raise ValueError(f"class_counts_from={counts!r}; choose one of {', '.join(CLASS_COUNTS)}")
+    counts = fields.pop("class_counts_from", CLASS_COUNT_SOURCES[0])
+    if counts not in CLASS_COUNT_SOURCES:
+        raise ValueError(f"class_counts_from={counts!r}; choose one of {', '.join(CLASS_COUNT_SOURCES)}")
     defaults = FacimsConfig()
     values = {}
     for name, value in fields.items():
@@ -164,7 +170,8 @@ def main(argv):
     del argv
     try:
         seeds = common.parse_seeds(FLAGS.seeds)
-        hidden = hidden_widths()
+        hidden = common.parse_numbers("hidden", FLAGS.hidden, kind=int, valid=lambda w: w >= 1,
+                                      requirement="comma-separated integers >= 1", example="400,200,100")
         settings = [text.strip() for text in FLAGS.settings]
         for text in settings:
             parse_setting(text)
@@ -184,4 +191,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -2,6 +2,8 @@
 the entry points can use them without the ``plot`` extra). ``experiments.report`` and the entry
 points read them from here."""
 
+from fairopt import data
+
 PAPER_SEEDS = (0, 42, 666, 777, 1009)  # FACIMS Table 2's five repeats; the official code's seeds
 
 # FACIMS (Tarzanagh et al., UAI 2023) Table 2, credit-card rows: (mean, std) of balanced
@@ -18,3 +20,20 @@ _FACIMS_CREDIT_ROWS = {
 }
 PAPER_FACIMS_CREDIT = {m: {c: v[0] for c, v in zip(_FACIMS_COLUMNS, row)} for m, row in _FACIMS_CREDIT_ROWS.items()}
 PAPER_FACIMS_CREDIT_STD = {m: {c: v[1] for c, v in zip(_FACIMS_COLUMNS, row)} for m, row in _FACIMS_CREDIT_ROWS.items()}
+
+# Whose class counts set FACIMS's v_bar / balanced loss and BERM's weights (``--class_counts_from``);
+# the first is the default, chosen on validation (docs/facims_ablation.md, second pass).
+CLASS_COUNT_SOURCES = ("original", "resampled")
+
+
+def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[data.Splits, data.Dataset]:
+    """Paper protocol: label-stratified split, train-only standardisation, per-group resampling.
+
+    Returns the splits (train resampled) and the training split before resampling (whose group
+    counts set the frequency-scaled SAM radii; ``--class_counts_from`` says whose class counts
+    set the losses)."""
+    splits = data.standardize(data.facims_split(dataset, seed=seed))
+    original_train = splits.train
+    if samples_per_group:
+        splits = splits._replace(train=data.resample_per_group(original_train, samples_per_group, seed=seed))
+    return splits, original_train

@@ -39,5 +39,5 @@ def test_settings_parse_into_configs_and_bad_ones_are_named():
     assert facims_rounds.parse_setting("")[1] == "original"  # experiments.facims's default
     with pytest.raises(ValueError, match="FacimsConfig has no setting 'bogus'"):
         facims_rounds.parse_setting("bogus=1")
-    with pytest.raises(ValueError, match="class_counts_from='x'; choose one of resampled, original"):
+    with pytest.raises(ValueError, match="class_counts_from='x'; choose one of original, resampled"):
         facims_rounds.parse_setting("class_counts_from=x")
