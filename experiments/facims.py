@@ -53,9 +53,9 @@ from absl import app, flags
 from experiments import cli, common, data_flags, sklearn_reference
 from experiments.paper import CLASS_COUNT_SOURCES, PAPER_FACIMS_CREDIT, PAPER_SEEDS, prepare
 from fairopt import data, distributed, losses, models, sharding, sweep
-from fairopt.solvers.erm import erm
+from fairopt.solvers.erm import erm, erm_hyperparams
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
-from fairopt.train import Progress, best_iterate_tracker, check_finite, evaluate, fit_resumable
+from fairopt.train import Progress, best_iterate_tracker, check_finite, evaluate, fit_resumable, make_epoch_fn
 
 BASELINES = ("erm", "berm") + sklearn_reference.METHODS
 DATASETS = ("credit", "drug", "adult", "compas", "german", "celeba_attributes", "synthetic")
@@ -272,36 +272,53 @@ def baseline_learning_rates() -> tuple[float, ...]:
     return rates
 
 
+_BASELINE_PROGRAMS: dict = {}
+
+
+def baseline_program(method, prepared):
+    """ERM / BERM's solver (Adam, its step a traced hyperparameter), compiled epoch and validation
+    tracker: built once and shared by every step size and every seed with the same class counts
+    and shapes, so the baselines compile once per method rather than once per run."""
+    train = prepared.splits.train
+    key = (method, tuple(np.asarray(prepared.class_counts).tolist()), len(train), train.num_features)
+    if key not in _BASELINE_PROGRAMS:
+        _, apply_fn = models.make_model("mlp", train.num_classes, train.num_features, jax.random.key(0),
+                                        hidden=hidden_widths())
+        loss_fn = losses.make_loss("ce" if method == "erm" else "weighted_ce", class_counts=prepared.class_counts)
+        solver = erm(apply_fn, loss_fn, optax.adam, steps_per_epoch=-(-len(train) // FLAGS.batch_size))
+        epoch_fn = make_epoch_fn(solver.step, num_rows=len(train), batch_size=FLAGS.batch_size)
+        init_best, update_best = best_iterate_tracker(solver.predict, num_classes=train.num_classes)
+        _BASELINE_PROGRAMS[key] = (solver, epoch_fn, init_best, jax.jit(update_best))
+    return _BASELINE_PROGRAMS[key]
+
+
 def run_baseline(method, seed, progress, checkpoints, run):
     """ERM / BERM with Adam at every ``--baseline_lr`` (each with ``--model_selection``); returns
     the solver and state of the step size of highest validation balanced accuracy, and the
     choice (``lr=...,epoch=...``): the baselines get the same validation budget as FACIMS."""
     prepared = seed_data(seed)
     dataset, val = prepared.splits.train, prepared.splits.val
-    params, apply_fn = models.make_model(
+    params = models.make_model(
         "mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed), hidden=hidden_widths()
-    )
-    loss_name = "ce" if method == "erm" else "weighted_ce"
-    loss_fn = losses.make_loss(loss_name, class_counts=prepared.class_counts)
-    steps_per_epoch = -(-len(dataset) // FLAGS.batch_size)
+    )[0]
+    solver, epoch_fn, init_best, update_best = baseline_program(method, prepared)
     best = None
     for rate in baseline_learning_rates():
-        solver = erm(apply_fn, loss_fn, optax.adam(rate), steps_per_epoch=steps_per_epoch)
         name = f"{run}_lr{rate:g}"
-        state = solver.init(jax.random.key(seed + 1), params)
-        selection = BestEpoch(solver, val, state, checkpoints, name) if selects_round(method) else None
+        state = solver.init(jax.random.key(seed + 1), params, erm_hyperparams(rate))
+        selection = BestEpoch(init_best, update_best, val, state, checkpoints, name) if selects_round(method) else None
         state, _ = fit_resumable(
             solver, state, dataset.features, dataset.labels, dataset.groups, checkpoints=checkpoints, run=name,
             progress=progress, on_epoch_end=selection and selection.update, epochs=FLAGS.epochs,
-            batch_size=FLAGS.batch_size, key=jax.random.key(seed + 2),
+            batch_size=FLAGS.batch_size, key=jax.random.key(seed + 2), epoch_fn=epoch_fn,
         )
         if selection is None:
             epoch, score = FLAGS.epochs, evaluate(solver.predict, state, val)["balanced_accuracy"]
         else:
             state, score, epoch = selection.best.state, float(selection.best.score), int(selection.best.epoch)
         if best is None or score > best[0]:
-            best = (score, solver, state, f"lr={rate:g},epoch={epoch}", epoch)
-    _, solver, state, chosen, epoch = best
+            best = (score, state, f"lr={rate:g},epoch={epoch}", epoch)
+    _, state, chosen, epoch = best
     return solver, state, chosen, epoch
 
 
@@ -309,13 +326,12 @@ class BestEpoch:
     """Early stopping on validation for one baseline run (``--model_selection=best_round``); the
     best state is checkpointed whenever it changes, so ``--resume`` keeps it."""
 
-    def __init__(self, solver, val, state, checkpoints, run):
-        init, update = best_iterate_tracker(solver.predict, num_classes=val.num_classes)
-        self._update = jax.jit(update)
+    def __init__(self, init_best, update_best, val, state, checkpoints, run):
+        self._update = update_best
         self.x, self.y = jnp.asarray(val.features, jnp.float32), jnp.asarray(val.labels, jnp.int32)
         self.mask = jnp.ones(len(val), bool)
         self.checkpoints, self.run = checkpoints, f"{run}_best"
-        self.best = checkpoints.restore(self.run, init(state))[1]
+        self.best = checkpoints.restore(self.run, init_best(state))[1]
 
     def update(self, epoch, state, metrics):
         del metrics
