@@ -123,6 +123,30 @@ def test_three_group_multipliers_converge_to_the_known_feasible_optimum():
     np.testing.assert_allclose(solutions[0], solutions[1], atol=1e-2)  # the same lambda* for every eta
 
 
+def adam_fairalm_rates(eta, inner_steps, primal_steps=3000):
+    """Positive rates after ``primal_steps`` Adam (lr .05) steps of the quadratic FairALM with a
+    dual step after every ``inner_steps`` of them: the configuration of benchmarks/fairness_fronts.py."""
+    apply_fn, x, y, groups = three_group_problem()
+    solver = fairalm(apply_fn, optax.adam, constraints="dp", num_groups=3, surrogate="probability",
+                     inner_steps=inner_steps, augmentation="quadratic")
+    state = solver.init(None, jnp.zeros(3), constrained.constrained_hyperparams(0.05, eta, 1.0, 0.0))
+    state, _ = jax.jit(lambda s: full_batch_steps(solver.step, s, x, y, groups, num_steps=primal_steps // inner_steps))(state)
+    return np.asarray(jax.nn.sigmoid(state.params)), y.mean()
+
+
+@pytest.mark.parametrize("eta", [5.0, 50.0])
+def test_adam_with_inner_steps_reaches_the_optimum_at_every_eta(eta):
+    """Ten Adam steps per dual step: the same constrained optimum at eta 5 and 50."""
+    rates, optimum = adam_fairalm_rates(eta, inner_steps=10)
+    np.testing.assert_allclose(rates, optimum, atol=1e-2)
+
+
+def test_adam_descent_ascent_with_one_inner_step_oscillates_away():
+    """The contrast (why the fronts use inner steps): one Adam step per dual step, same budget, eta 5."""
+    rates, optimum = adam_fairalm_rates(5.0, inner_steps=1)
+    assert np.ptp(rates) > 0.5 and np.max(np.abs(rates - optimum)) > 0.3
+
+
 def test_three_group_tolerance_is_met_and_binding():
     state, later, _ = train_quadratic_fairalm(2.0, 0.1)
     rates = jax.nn.sigmoid(state.params)
