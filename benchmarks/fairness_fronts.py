@@ -74,7 +74,11 @@ from fairopt.solvers.erm import ERMHyperparams, erm
 from fairopt.solvers.fairalm import fairalm
 from fairopt.train import full_batch_steps
 
-DATASETS = {**common.FAIRNESS_LOADERS, "adult_race": lambda: data.adult(group="race")}
+DATASETS = {  # the >2-group ones: Adult's 5 races (two with ~25 positive training rows), CelebA's Male x Young cells
+    **common.FAIRNESS_LOADERS,
+    "adult_race": lambda: data.adult(group="race"),
+    "celeba_male_young": lambda: data.celeba_attributes(target="Attractive", group=("Male", "Young")),
+}
 CONSTRAINTS = ("dp", "deo", "eo")
 FAIROPT_METHODS = ("fairalm", "lagrangian", "penalty", "reweighting")
 FAIRLEARN_METHODS = ("eg", "gridsearch", "threshold")
@@ -85,7 +89,8 @@ GAPS = {  # the evaluated gap of each constraint (max - min over groups, as fair
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "adult", tuple(DATASETS), "Dataset (adult_race: Adult with the 5 race groups).")
+flags.DEFINE_enum("dataset", "adult", tuple(DATASETS), "Dataset (adult_race: Adult with the 5 race groups; celeba_male_young: "
+                  "CelebA Attractive with the 4 Male x Young groups).")
 flags.DEFINE_enum("constraint", "dp", CONSTRAINTS, "Fairness constraint.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the splits, initialisations and randomised predictions.")
 flags.DEFINE_list("methods", [f"fairopt_{m}" for m in FAIROPT_METHODS] + [f"fairlearn_{m}" for m in FAIRLEARN_METHODS],

