@@ -12,15 +12,17 @@ The paper's tables with every method tuned on validation (every dataset of the s
     python -m experiments.autobalance --suite=longtail --seeds=0,1,2,3,4   # Table 1: digits_lt, synthetic_lt
     python -m experiments.autobalance --suite=groups --seeds=0,1,2,3,4     # Table 3: waterbirds_like, celeba_blond
 
-A suite (:func:`run_tuned_dataset`) chooses every knob on the validation split only: each
+A suite (:func:`run_tuned_dataset`) chooses every knob on validation data only: each
 baseline's grid (``TUNED_ROWS``: LA tau, CDT gamma, VS gamma/tau, LDAM-DRW margin/scale,
-Group-LA tau, group DRO step; one vmapped program per method) trains on the search-train split
-and is scored on the search-validation split; AutoBalance's grid (``AUTOBALANCE_GRIDS``, from
-the loss of the tuned LA / Group-LA) learns its loss on one half of the validation split and is
-scored on the other half, both ways; the setting with the best mean validation balanced error
-(long tail) / worst-group error (groups) over the seeds is retrained on all training data and
-tested once. The row ``AutoBalance (selected on validation)`` also has the tuned init baseline
-as a candidate (the search with no step), so it is never worse on validation than that baseline.
+Group-LA tau, group DRO step; one vmapped program per method) trains on the fit part and is
+scored on the held-out part of the suite's selection splits (``SELECTION_FOLDS``: the long tail
+pools 5 folds of all training data, the groups use the fixed search-validation split);
+AutoBalance's grid (``AUTOBALANCE_GRIDS``, each search from the loss of a tuned LA / CDT / VS /
+Group-LA) learns its loss on one half of a held-out part and is scored on the other half, both
+ways; the setting with the best mean validation balanced error (long tail) / worst-group error
+(groups) over the seeds is retrained on all training data and tested once. The row
+``AutoBalance (selected on validation)`` also has those tuned init baselines as candidates (the
+search with no step), so it is never worse on validation than any of them.
 The Markdown adds the paired differences to that row and every method's validation grid;
 ``autobalance_<dataset>_validation.csv`` holds every (method, setting, seed) validation score.
 
