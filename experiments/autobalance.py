@@ -1113,8 +1113,8 @@ def tuned_markdown(results: list[dict], validation: list[dict], metric: str, com
             difference = (ours[column] - other[column]).dropna()
             cells.append(f"{difference.mean():+.2f} ± {difference.std(ddof=0):.2f}" if len(difference) else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [f"\nValidation search (val_{metric}, mean ± std over seeds; AutoBalance: cross-fitted on the two halves "
-              "of the validation split; ✔ = chosen):\n", f"| method | setting | val_{metric} |", "|---|---|---|"]
+    lines += [f"\nValidation search (val_{metric}, mean ± std over seeds, held-out rows pooled over the selection "
+              "splits; AutoBalance: cross-fitted on the two halves of each held-out part; ✔ = chosen):\n", f"| method | setting | val_{metric} |", "|---|---|---|"]
     chosen = {(r["method"], r["setting"]) for r in results}
     valid = pd.DataFrame(validation)
     for (method, setting), part in valid.groupby(["method", "setting"], sort=False):
