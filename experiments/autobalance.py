@@ -16,7 +16,7 @@ A suite (:func:`run_tuned_dataset`) chooses every knob on validation data only: 
 baseline's grid (``TUNED_ROWS``: LA tau, CDT gamma, VS gamma/tau, LDAM-DRW margin/scale,
 Group-LA tau, group DRO step; one vmapped program per method) trains on the fit part and is
 scored on the held-out part of the suite's selection splits (``SELECTION_FOLDS``: the long tail
-pools 5 folds of all training data, the groups use the fixed search-validation split);
+pools 5 folds of all training data, the groups 2 folds; held-out predictions pooled);
 AutoBalance's grid (``AUTOBALANCE_GRIDS``, each search from the loss of a tuned LA / CDT / VS /
 Group-LA) learns its loss on one half of a held-out part and is scored on the other half, both
 ways; the setting with the best mean validation balanced error (long tail) / worst-group error
@@ -747,7 +747,7 @@ AUTOBALANCE_ROW = "AutoBalance (selected on validation)"
 SELECTION_METRIC = {"longtail": "balanced_error", "groups": "worst_group_error"}
 # Validation evidence per suite (every method the same): 1 scores each setting on the fixed
 # search-validation split; k > 1 pools k folds of all training data (selection_splits).
-SELECTION_FOLDS = {"longtail": 5, "groups": 1}
+SELECTION_FOLDS = {"longtail": 5, "groups": 2}
 
 
 def selection_splits(prepared: Prepared, seed: int, folds: int) -> list[tuple[data.Dataset, data.Dataset]]:
