@@ -66,9 +66,12 @@ __all__ = [
     "group_balanced_mean",
     "deo_objective",
     "blended_objective",
+    "soft_worst_group_mean",
     "validation_objective",
     "make_validation_objective",
     "VALIDATION_OBJECTIVES",
+    "GROUP_OBJECTIVES",
+    "WORST_GROUP_TEMPERATURE",
     "DEO_REDUCTIONS",
     "group_mean_losses",
     "GroupDROState",
@@ -731,7 +734,45 @@ def blended_objective(
     return (1.0 - lambda_val) * plain + lambda_val * deo
 
 
-VALIDATION_OBJECTIVES = ("ce", "balanced_ce", "group_balanced_ce", "deo", "blend")
+WORST_GROUP_TEMPERATURE = 0.1  # default temperature T of soft_worst_group_mean
+
+
+def soft_worst_group_mean(
+    per_example: ArrayLike,
+    labels: ArrayLike,
+    groups: ArrayLike,
+    num_classes: int,
+    num_groups: int,
+    temperature: ArrayLike = WORST_GROUP_TEMPERATURE,
+    mask: ArrayLike | None = None,
+) -> Array:
+    r"""Smoothed worst (class, group) cell loss: a log-mean-exp over the non-empty cells.
+
+    .. math::
+        \mathrm{CE}^G_{T} = T \log \Big(\frac{1}{|P|} \sum_{(k,g) \in P} \exp(L_{k,g} / T)\Big),
+
+    ``P`` the non-empty cells, ``L_{k,g}`` their mean losses. ``CE_bal^G <= CE^G_T <= max L_{k,g}``;
+    ``T -> 0`` gives the worst cell's loss, ``T -> inf`` the group-balanced mean CE_bal^G. Its
+    gradient weighs cell ``c`` by ``softmax(L / T)_c``, exponentiated weights ``q ∝ exp(L / T)``
+    like group DRO's (Sagawa et al. 2020). ``temperature`` (> 0) may be traced; with no
+    (unmasked) example the result is 0 with zero gradient.
+
+    Returns:
+      Scalar.
+    """
+    means, counts = cell_means(per_example, labels, groups, num_classes, num_groups, mask)
+    present = counts > 0
+    any_present = jnp.any(present)
+    top = jax.lax.stop_gradient(jnp.max(jnp.where(present, means, -jnp.inf)))
+    top = jnp.where(any_present, top, 0.0)
+    terms = jnp.where(present, jnp.exp(jnp.where(present, means - top, 0.0) / temperature), 0.0)
+    mean_term = jnp.sum(terms) / jnp.maximum(jnp.sum(present), 1)
+    value = top + temperature * jnp.log(jnp.where(any_present, mean_term, 1.0))
+    return jnp.where(any_present, value, 0.0)
+
+
+VALIDATION_OBJECTIVES = ("ce", "balanced_ce", "group_balanced_ce", "deo", "blend", "worst_group_ce")
+GROUP_OBJECTIVES = ("group_balanced_ce", "deo", "blend", "worst_group_ce")  # need group ids
 
 
 def make_validation_objective(
@@ -741,11 +782,13 @@ def make_validation_objective(
     num_groups: int = 1,
     lambda_val: float | None = None,
     reduce: str = "mean",
+    temperature: ArrayLike = WORST_GROUP_TEMPERATURE,
 ) -> Callable[..., Array]:
     """Return ``objective(per_example, labels, groups=None, mask=None) -> scalar`` by name.
 
     Names: "ce" (masked mean), "balanced_ce" (CE_bal), "group_balanced_ce" (CE_bal^G), "deo"
-    (CE_deo, eq. 4.1), "blend" (``(1 - lambda_val) CE + lambda_val CE_deo``).
+    (CE_deo, eq. 4.1), "blend" (``(1 - lambda_val) CE + lambda_val CE_deo``), "worst_group_ce"
+    (the smoothed worst cell loss at ``temperature``, :func:`soft_worst_group_mean`).
 
     Raises:
       ValueError: unknown name (listing the choices), "blend" without ``lambda_val`` or with
@@ -764,6 +807,8 @@ def make_validation_objective(
             raise ValueError("validation objective 'blend' needs lambda_val in [0, 1] (AutoBalance uses 0.1)")
         if _is_concrete(lambda_val) and not 0.0 <= float(lambda_val) <= 1.0:
             raise ValueError(f"lambda_val must lie in [0, 1], got {lambda_val}")
+    if name == "worst_group_ce" and _is_concrete(temperature) and not float(temperature) > 0.0:
+        raise ValueError(f"validation objective 'worst_group_ce' needs temperature > 0, got {temperature}")
 
     def needs_groups(groups):
         if groups is None:
@@ -781,6 +826,9 @@ def make_validation_objective(
         if name == "deo":
             groups = needs_groups(groups)
             return deo_objective(per_example, labels, groups, num_classes, num_groups, mask, reduce)
+        if name == "worst_group_ce":
+            groups = needs_groups(groups)
+            return soft_worst_group_mean(per_example, labels, groups, num_classes, num_groups, temperature, mask)
         groups = needs_groups(groups)
         return blended_objective(
             per_example, labels, groups, num_classes, num_groups, lambda_val, mask, reduce
@@ -801,17 +849,19 @@ def validation_objective(
     mask: ArrayLike | None = None,
     lambda_val: float | None = None,
     reduce: str = "mean",
+    temperature: ArrayLike = WORST_GROUP_TEMPERATURE,
 ) -> Array:
     """Evaluate the validation (upper-level) objective ``name`` on per-example losses.
 
     Convenience wrapper of :func:`make_validation_objective`; names are
-    ``("ce", "balanced_ce", "group_balanced_ce", "deo", "blend")``.
+    :data:`VALIDATION_OBJECTIVES`.
 
     Returns:
       Scalar.
     """
     objective = make_validation_objective(
-        name, num_classes=num_classes, num_groups=num_groups, lambda_val=lambda_val, reduce=reduce
+        name, num_classes=num_classes, num_groups=num_groups, lambda_val=lambda_val, reduce=reduce,
+        temperature=temperature,
     )
     return objective(per_example, labels, groups, mask)
 

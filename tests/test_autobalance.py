@@ -117,7 +117,7 @@ def test_hypergradient_direction_raises_the_minority_on_a_two_class_toy_problem(
 
 @pytest.mark.parametrize(
     "space,per_group,objective",
-    [("shift_scale", False, "balanced_ce"), ("weight", True, "blend")],
+    [("shift_scale", False, "balanced_ce"), ("weight", True, "blend"), ("shift", True, "worst_group_ce")],
 )
 def test_solver_hypergradient_matches_finite_differences(space, per_group, objective):
     rng = np.random.default_rng(1)
@@ -135,7 +135,7 @@ def test_solver_hypergradient_matches_finite_differences(space, per_group, objec
     weight_decay = 1e-2
     config = ab.AutoBalanceConfig(
         search_space=space, per_group=per_group, val_objective=objective, inverse="exact",
-        lower_weight_decay=weight_decay,
+        lower_weight_decay=weight_decay, val_temperature=0.3,
     )  # fmt: skip
     solver = ab.autobalance(_linear_apply, config, class_counts=np.bincount(y), cell_counts=cells, num_features=d)
     # A generic point of the search space (not the symmetric init).
@@ -485,6 +485,34 @@ def test_validation_folds_fit_on_equal_halves_and_score_every_row_once():
     assert not key(fit_a) & key(held_a) and not key(fit_b) & key(held_b)  # never scored on what it fit
     for fit in (fit_a, fit_b):
         assert set(np.asarray(fit.labels)) == {0, 1, 2}  # stratified: every class fits in both folds
+
+
+def test_selection_splits_equal_counts_disjoint_folds_and_pooled_scores():
+    from experiments import autobalance as entry
+    from fairopt import data
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), [23, 11, 7]).astype(np.int32)
+    train = data.Dataset(features=rng.normal(size=(41, 2)).astype(np.float32), labels=labels,
+                         groups=np.zeros(41, np.int32), class_names=("a", "b", "c"), group_names=("all",),
+                         feature_names=("x0", "x1"), name="toy")
+    prepared = entry.Prepared(train.subset(np.arange(30)), train.subset(np.arange(30, 41)), train, train)
+    assert entry.selection_splits(prepared, 0, 1) == [(prepared.search_train, prepared.search_val)]
+    splits = entry.selection_splits(prepared, seed=0, folds=3)
+    key = lambda d: {tuple(row) for row in np.asarray(d.features)}  # noqa: E731
+    held = [key(h) for _, h in splits]
+    for (fit, held_out), rows in zip(splits, held):
+        np.testing.assert_array_equal(held_out.class_counts, [7, 3, 2])  # floor(n_k / 3) per fold
+        assert len(fit) == 41 - 12 and not key(fit) & rows and key(fit) | rows == key(train)
+    assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])  # each row held out at most once
+    # Pooled: the metrics of all held-out rows scored together, not a mean of the folds' metrics.
+    perfect = [np.eye(3, dtype=np.float32)[h.labels] for _, h in splits]
+    wrong = [np.roll(p, 1, axis=1) for p in perfect]
+    pooled = entry.pooled_scores([perfect[0], wrong[1], perfect[2]], [h for _, h in splits])
+    np.testing.assert_allclose(pooled["error"], 100 / 3, rtol=1e-6)
+    assert entry.pooled_scores([perfect[0], None, perfect[2]], [h for _, h in splits]) is None
+    with pytest.raises(ValueError, match="fewer than folds=8"):
+        entry.selection_splits(prepared, 0, 8)
 
 
 def test_choose_skips_a_setting_with_a_diverged_seed():

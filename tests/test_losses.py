@@ -419,6 +419,36 @@ def test_deo_and_blend_hand_computed():
     np.testing.assert_allclose(via_selector, blend, rtol=1e-6)
 
 
+def test_soft_worst_group_hand_computed_limits_and_gradient():
+    # cells (0,0): 2, (0,1): 2, (1,0): 4, (1,1): 8 (the 100 is masked out)
+    cells = np.array([2.0, 2.0, 4.0, 8.0])
+    args = (HAND_LOSSES, HAND_LABELS, HAND_GROUPS, 2, 2)
+    for temperature in (0.5, 2.0):
+        expected = temperature * np.log(np.mean(np.exp(cells / temperature)))
+        got = losses.soft_worst_group_mean(*args, temperature, mask=HAND_MASK)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # T -> 0: the worst cell; T -> inf: CE_bal^G; in between, between the two.
+    # (T -> 0: max - T log |P| when one cell is the largest)
+    np.testing.assert_allclose(losses.soft_worst_group_mean(*args, 1e-3, mask=HAND_MASK), 8.0 - 1e-3 * np.log(4), atol=1e-5)
+    np.testing.assert_allclose(losses.soft_worst_group_mean(*args, 1e4, mask=HAND_MASK), 4.0, rtol=1e-3)
+    # d/dl_i = softmax(L / T)_{cell(i)} / n_{cell(i)}; traced temperature under jit.
+    temperature = 2.0
+    weights = np.exp(cells / temperature) / np.exp(cells / temperature).sum()
+    cell_of_row = HAND_LABELS * 2 + HAND_GROUPS
+    sizes = np.array([2, 1, 1, 2])
+    expected = np.where(HAND_MASK, weights[cell_of_row] / sizes[cell_of_row], 0.0)
+    objective = losses.make_validation_objective("worst_group_ce", num_classes=2, num_groups=2, temperature=temperature)
+    grad = jax.jit(jax.grad(lambda l, t: losses.soft_worst_group_mean(l, *args[1:], t, mask=HAND_MASK)))(
+        jnp.asarray(HAND_LOSSES), temperature)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5)
+    np.testing.assert_allclose(objective(HAND_LOSSES, HAND_LABELS, HAND_GROUPS, HAND_MASK),
+                               temperature * np.log(np.mean(np.exp(cells / temperature))), rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        losses.make_validation_objective("worst_group_ce", num_classes=2, num_groups=2, temperature=0.0)
+    with pytest.raises(ValueError, match="groups"):
+        objective(HAND_LOSSES, HAND_LABELS)
+
+
 def test_deo_more_than_two_groups_mean_and_max():
     per_example = np.array([1.0, 3.0, 5.0, 2.0, 2.0, 8.0], np.float32)
     labels = np.array([0, 0, 0, 1, 1, 1], np.int32)

@@ -19,9 +19,9 @@ Delta into (0, 1)).
 **Upper level** (hyperparameters ``alpha`` on the search-validation split ``S_V``): the
 validation objective
 
-``L_fair`` in {CE, CE_bal, CE_bal^G, CE_deo (eq. 4.1), the blend}
+``L_fair`` in {CE, CE_bal, CE_bal^G, CE_deo (eq. 4.1), the blend, the smoothed worst cell}
 (:func:`fairopt.losses.make_validation_objective`: ``ce``, ``balanced_ce``,
-``group_balanced_ce``, ``deo``, ``blend``) of the plain cross-entropy, where the blend is
+``group_balanced_ce``, ``deo``, ``blend``, ``worst_group_ce``) of the plain cross-entropy, where the blend is
 
 .. math::
     \mathcal{L}_{fair} = (1 - \lambda_{val})\,\mathrm{CE} + \lambda_{val}\,\mathrm{CE}_{deo}
@@ -110,10 +110,10 @@ from fairopt.train import (
 
 SEARCH_SPACES = hparams_lib.SEARCH_SPACES  # ("la_tau", "shift", "scale", "shift_scale", "weight")
 INITS = hparams_lib.INITS  # ("ones", "zeros", "la", "cdt", "vs")
-VAL_OBJECTIVES = losses.VALIDATION_OBJECTIVES  # ("ce", "balanced_ce", "group_balanced_ce", "deo", "blend")
+VAL_OBJECTIVES = losses.VALIDATION_OBJECTIVES  # ce, balanced_ce, group_balanced_ce, deo, blend, worst_group_ce
 UPPER_OPTIMIZERS = ("sgd", "adam")
 DEO_REDUCTIONS = losses.DEO_REDUCTIONS
-_GROUP_OBJECTIVES = ("group_balanced_ce", "deo", "blend")
+_GROUP_OBJECTIVES = losses.GROUP_OBJECTIVES
 
 
 class AutoBalanceHyperparams(NamedTuple):
@@ -126,6 +126,7 @@ class AutoBalanceHyperparams(NamedTuple):
 
     tau: jax.Array
     lambda_val: jax.Array
+    val_temperature: jax.Array
     augment_radius_init: jax.Array
     lower_learning_rate: jax.Array
     lower_momentum: jax.Array
@@ -158,9 +159,14 @@ class AutoBalanceConfig(HyperparameterConfig):
       init: initial loss: ones or zeros (w = 1, l = 0, d = 1), la (l = tau log pi), cdt, vs, or group_la
         (Group-LA: w = 1/pi_g, l = tau log pi_{k|g}; per_group only).
       tau: logit-adjustment temperature of the la/vs inits (and the start of la_tau).
+      gamma: CDT exponent of the cdt/vs inits, ``Delta_k = sigmoid(1) (n_k / n_max)^gamma``.
       val_objective: upper-level objective: ce, balanced_ce, group_balanced_ce, deo (CE_deo,
-        eq. 4.1) or blend ((1 - lambda_val) CE + lambda_val CE_deo).
+        eq. 4.1), blend ((1 - lambda_val) CE + lambda_val CE_deo) or worst_group_ce (the smoothed
+        worst (class, group) cell loss ``T log mean_c exp(L_c / T)``,
+        :func:`fairopt.losses.soft_worst_group_mean`).
       lambda_val: the CE_deo weight of the blend objective, in [0, 1].
+      val_temperature: the temperature T > 0 of worst_group_ce (T -> 0: the worst cell's loss;
+        large T: CE_bal^G).
       deo_reduce: reduction over groups of the DEO surrogate for G > 2: mean or max.
       cluster_size: classes per frequency cluster C sharing one hyperparameter (1: none).
       per_group: (class, group) hyperparameters of eq. (4.2).
@@ -208,8 +214,10 @@ class AutoBalanceConfig(HyperparameterConfig):
     search_space: str = "shift_scale"
     init: str = "ones"
     tau: float = 1.0
+    gamma: float = 0.3
     val_objective: str = "balanced_ce"
     lambda_val: float = 0.1
+    val_temperature: float = losses.WORST_GROUP_TEMPERATURE
     deo_reduce: str = "mean"
     cluster_size: int = 1
     per_group: bool = False
@@ -253,11 +261,11 @@ class AutoBalanceConfig(HyperparameterConfig):
         for name in ("cluster_size", "iter_interval", "train_batches", "val_batches", "cg_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AutoBalanceConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lower_learning_rate", "upper_learning_rate", "neumann_alpha", "lr_decay_factor"):
+        for name in ("lower_learning_rate", "upper_learning_rate", "neumann_alpha", "lr_decay_factor", "val_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AutoBalanceConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("lower_momentum", "upper_momentum", "lower_weight_decay", "upper_weight_decay", "damping",
-                     "augment_radius_init", "neumann_terms", "warmup_steps", "tau"):
+                     "augment_radius_init", "neumann_terms", "warmup_steps", "tau", "gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AutoBalanceConfig.{name} must be >= 0, got {getattr(self, name)}")
         try:
@@ -517,6 +525,7 @@ def autobalance(
             num_groups=num_groups if config.per_group else None,
             cell_counts=cell_counts if config.init == "group_la" else None,
             tau=tau,
+            gamma=config.gamma,
         )
 
     # The initial raw hyperparameters are affine in tau (l = tau log pi, projected linearly on
@@ -533,7 +542,7 @@ def autobalance(
     def validation_for(h: AutoBalanceHyperparams):
         return losses.make_validation_objective(
             config.val_objective, num_classes=num_classes, num_groups=num_groups, lambda_val=h.lambda_val,
-            reduce=config.deo_reduce,
+            reduce=config.deo_reduce, temperature=h.val_temperature,
         )
 
     def lower_optimizer_at(h: AutoBalanceHyperparams, step):
