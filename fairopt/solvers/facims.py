@@ -172,6 +172,9 @@ class FacimsConfig(HyperparameterConfig):
         ``val_batch_size`` per group. The official code averages its validation loss over the
         whole split at every outer step (pooled over groups; here each group's term is its own
         rows' mean, as in (7a)). Its cost grows with the largest group's validation rows.
+      validation_draws: Monte-Carlo draws of the global posterior in the upper objective's
+        ``E_{w ~ Z} L_bal`` (None: ``num_mc``). The official code makes one stochastic pass over
+        each validation row per outer step: ``whole_validation`` with ``validation_draws=1``.
       group_mapping: how the per-group functions run over the group axis, inside one compiled
         round (every choice gives the same values up to float rounding): vmap (one batched
         kernel per operation; accelerators, sharded group axes), unroll (G traced copies that
@@ -224,6 +227,7 @@ class FacimsConfig(HyperparameterConfig):
     common_noise: bool = True
     local_reparameterisation: bool = False
     whole_validation: bool = False
+    validation_draws: int | None = None
     group_mapping: str = "auto"
 
     def __post_init__(self):
@@ -261,6 +265,8 @@ class FacimsConfig(HyperparameterConfig):
                 f"FacimsConfig.hypergradient_samples={self.hypergradient_samples} exceeds num_mc={self.num_mc}; "
                 "lower it or raise num_mc"
             )
+        if self.validation_draws is not None and self.validation_draws < 1:
+            raise ValueError(f"FacimsConfig.validation_draws must be None or >= 1, got {self.validation_draws}")
         if self.groups_per_step is not None and self.groups_per_step < 1:
             raise ValueError(f"FacimsConfig.groups_per_step must be None or >= 1, got {self.groups_per_step}")
 
@@ -707,9 +713,9 @@ def facims(
         global_q, vs_params = state.global_posterior, state.vs_params
         active = active_groups(active_key, train)
 
-        def noise_for(key, q, leading):
-            return monte_carlo_noise(config, key, q, config.num_mc) if leading is None else jax.vmap(
-                lambda k: monte_carlo_noise(config, k, q, config.num_mc)
+        def noise_for(key, q, leading, num_draws=config.num_mc):
+            return monte_carlo_noise(config, key, q, num_draws) if leading is None else jax.vmap(
+                lambda k: monte_carlo_noise(config, k, q, num_draws)
             )(jax.random.split(key, leading))
 
         one_group_q = jax.tree_util.tree_map(lambda leaf: leaf[0], state.local_posteriors)  # noise shapes
@@ -752,7 +758,7 @@ def facims(
             weight = active.astype(jnp.float32) / num_active
             if config.has_validation_level:
                 val_batch = whole_val if config.whole_validation else sample_group_batch(val_key, val, val_batch_size)
-                global_noise = noise_for(noise_key, global_q, None)
+                global_noise = noise_for(noise_key, global_q, None, config.validation_draws or config.num_mc)
                 grad_global, grad_vs, values = over_groups(
                     parts.group_hypergradient, in_axes=(0, None, None, 0, noise_axis, 0, None, 0)
                 )(local_q, global_q, vs_params, last_batch, last_noise, val_batch, global_noise, groups)
