@@ -51,6 +51,11 @@ Decisions and deviations from the official code (see also ``SPEC.md`` §7):
   class-balanced cross-entropy.
 * ``v`` is parameterised as ``shift`` and ``log_scale`` (``Delta = exp(log_scale) > 0``) and
   initialised at ``v_bar``, so FACIMS-II is exactly FACIMS with beta = 0 and ``v`` frozen.
+* Two choices of the official code are options, measured in ``docs/facims_ablation.md``:
+  ``whole_validation`` with ``validation_draws=1`` (its upper objective: the whole validation
+  split, one stochastic pass per row and outer step; default: a sampled batch of
+  ``val_batch_size`` per group and ``num_mc`` draws) and ``local_reparameterisation`` (its
+  layers draw the pre-activations per row; default: one weight draw per forward pass).
 * Not copied: the sigmoid on the network output, class weights from test labels, local models
   for only the first groups, a SAM radius growing with the group index.
 """
