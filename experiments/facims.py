@@ -175,6 +175,13 @@ def seed_data(seed: int) -> SeedData:
     return _SEED_DATA[seed]
 
 
+def validation_rows() -> int:
+    """The largest group's validation rows over the run's seeds. The validation arrays are cut to
+    it: sampled batches are unchanged (padding is never drawn), and ``--whole_validation`` then
+    costs the real rows, not the dataset's largest group (7 groups x 14,000 padded rows on credit)."""
+    return max(int(seed_data(seed).splits.val.group_counts.max()) for seed in common.parse_seeds(FLAGS.seeds))
+
+
 def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
     """Train ``runs`` (``(config, seed)`` pairs of one static setting) as one vmapped program.
 
@@ -197,6 +204,8 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
     keys, params, hyperparams, class_counts, group_counts, grouped = (
         sweep.stack([run[i] for run in per_run]) for i in range(6)
     )
+    rows = validation_rows()  # cut the validation padding (never sampled) to the largest group's rows
+    grouped = grouped._replace(val=grouped.val._replace(x=grouped.val.x[:, :, :rows], y=grouped.val.y[:, :, :rows]))
     init = jax.vmap(lambda k, p, h, cc, gc: solver.init(k, p, h, class_counts=cc, group_counts=gc))
     states = init(keys, params, hyperparams, class_counts, group_counts)
     selection = BestRound(solver.predict, [seed for _, seed in padded]) if selects_round(runs[0][0]) else None

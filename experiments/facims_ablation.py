@@ -52,6 +52,11 @@ FACTORS = {
     "cg_10": ("10 CG iterations instead of 5", ["--cg_iters=10"]),
     "hessian_draws_3": ("3 Monte-Carlo draws in the hypergradient's Hessian instead of 1", ["--hypergradient_samples=3"]),
     "mean_prediction": ("prediction at the posterior mean instead of 20 Monte-Carlo draws", ["--prediction=mean"]),
+    "whole_validation": ("upper objective on every validation row of each group with one posterior draw per step (the "
+                         "official code's) instead of a batch of 50 per group and 5 draws",
+                         ["--whole_validation", "--validation_draws=1"]),
+    "local_reparameterisation": ("pre-activation noise fresh per row (local reparameterisation, the official code's "
+                                 "layers) instead of one weight draw per forward pass", ["--local_reparameterisation"]),
     "rounds_100": ("100 rounds instead of 50", ["--epochs=100"]),
     "best_round": ("the round of highest validation BA instead of the last (the upper level trains on that split: biased)",
                    ["--model_selection=best_round"]),

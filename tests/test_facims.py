@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from fairopt import data, losses, metrics, models, posterior
+from fairopt import data, losses, metrics, models, posterior, sweep
 from fairopt.solvers.erm import erm
 from fairopt.solvers.facims import FacimsConfig, VSParams, facims, facims_parts
 from fairopt.losses import masked_mean
@@ -393,3 +393,81 @@ def test_damping_is_a_traced_hyperparameter_of_the_hypergradient():
     undamped, large, larger = (vs_hypergradient(jnp.float32(d)) for d in (0.0, 1e4, 1e5))
     assert float(jnp.linalg.norm(undamped)) > 1e-6
     np.testing.assert_allclose(np.asarray(larger) * 10, np.asarray(large), rtol=2e-2, atol=1e-9)
+
+
+# ---- the official code's upper objective and layers as options ---------------------------------
+
+
+def test_whole_validation_upper_objective_averages_every_row_of_the_group():
+    """upper_objective on data.whole_group_batch = alpha_up KL + the VS loss at v_bar averaged over
+    all of the group's rows (picked here with numpy), padding excluded; a whole_validation round
+    is the same for the validation rows reordered inside each group (a sampled batch would
+    change), so every row and no padding enters."""
+    dataset, params, apply_fn = _tiny_problem()
+    config = FacimsConfig(num_mc=1, middle_steps=1, upper_steps=1, cg_iters=2, whole_validation=True, group_mapping="vmap")
+    counts = dict(class_counts=dataset.class_counts, group_counts=dataset.group_counts)
+    solver = facims(apply_fn, config, **counts, batch_size=BATCH, val_batch_size=BATCH)
+    pad = int(dataset.group_counts.max()) + 5
+    g, global_q = 1, posterior.gaussian_init(params, init_std=0.5)
+    local_q = global_q._replace(mean=jax.tree_util.tree_map(lambda m: 1.1 * m, global_q.mean))
+    noise = posterior.standard_normal_like(jax.random.key(6), global_q, 1)
+
+    @jax.jit
+    def upper_and_round(grouped, reordered):
+        parts = facims_parts(apply_fn, config, **counts)
+        value = parts.upper_objective(local_q, global_q, _index(data.whole_group_batch(grouped), g), noise, g)
+        state = solver.init(jax.random.key(0), params)
+        rounds = jax.vmap(lambda val: solver.step(state, (grouped, val))[0].global_posterior)(
+            sweep.stack([grouped, reordered])
+        )
+        weights = parts.sample_weights(global_q, _index(noise, 0))
+        return value, posterior.kl(local_q, global_q), apply_fn(weights, jnp.asarray(dataset.features)), rounds
+
+    reordered = data.group_arrays(dataset.subset(np.random.default_rng(0).permutation(len(dataset))), pad_to=pad)
+    value, divergence, logits, rounds = upper_and_round(data.group_arrays(dataset, pad_to=pad), reordered)
+    rows = dataset.groups == g
+    prior = np.asarray(dataset.class_counts, np.float64) / np.sum(dataset.class_counts)
+    log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[rows] + np.log(prior)))
+    expected = config.alpha_up * float(divergence) - np.mean(log_probs[np.arange(rows.sum()), dataset.labels[rows]])
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    chex.assert_trees_all_close(sweep.take(rounds, 0), sweep.take(rounds, 1), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="validation_draws must be None or >= 1, got 0"):
+        FacimsConfig(validation_draws=0)
+
+
+def test_local_reparameterisation_keeps_the_expected_objective():
+    """local_reparameterisation: the Monte-Carlo noise is one key per forward pass; the inner
+    objective averaged over many passes equals weight sampling's (each row's logits have the
+    same distribution) and differs from the noise-free loss; prediction averages keyed passes."""
+    import dataclasses
+
+    from fairopt.solvers.facims import monte_carlo_noise
+
+    dataset, params, apply_fn = _tiny_problem()
+    config = FacimsConfig(num_mc=1, num_eval_samples=3, local_reparameterisation=True)
+    counts = dict(class_counts=dataset.class_counts, group_counts=dataset.group_counts)
+    hyperparams = config.hyperparams()._replace(noise_scale=jnp.float32(1.0))
+    global_q = posterior.gaussian_init(params, init_std=0.7)
+    batch = _index(data.sample_group_batch(jax.random.key(1), data.group_arrays(dataset), 64), 0)
+    solver = facims(apply_fn, config, **counts)
+    x = jnp.asarray(dataset.features[:6])
+
+    @jax.jit
+    def objectives_and_predictions(key):
+        values = []
+        for local in (True, False):  # 400 x 5 passes (sample_draws unrolls its draws)
+            chosen = dataclasses.replace(config, local_reparameterisation=local)
+            parts = facims_parts(apply_fn, chosen, hyperparams=hyperparams, **counts)
+            estimate = lambda k: parts.inner_objective(  # noqa: E731
+                global_q, global_q, parts.v_bar, batch, monte_carlo_noise(chosen, k, global_q, 5), 0
+            )
+            values.append(jnp.mean(jax.vmap(estimate)(jax.random.split(key, 400))))
+        noiseless = jax.tree_util.tree_map(jnp.zeros_like, posterior.standard_normal_like(key, global_q, 1))
+        values.append(parts.inner_objective(global_q, global_q, parts.v_bar, batch, noiseless, 0))
+        state = solver.init(jax.random.key(0), params)
+        return values, solver.predict(state, x), solver.predict(state, x, key)
+
+    (local, sampled, noiseless), probs, other = objectives_and_predictions(jax.random.key(2))
+    assert abs(float(local) - float(sampled)) < 0.02 < abs(float(sampled) - float(noiseless))
+    np.testing.assert_allclose(np.sum(probs, -1), 1.0, rtol=1e-5)
+    assert not np.allclose(probs, other)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from fairopt import posterior
 from fairopt.posterior import Gaussian
@@ -238,6 +239,68 @@ def test_mc_predict_equals_mean_predict_at_zero_variance():
         rtol=1e-6,
     )
     np.testing.assert_allclose(posterior.mean_predict(linear_apply, q, x), jax.nn.softmax(linear_apply(params, x)))
+
+
+def _dense_posterior(widths, seed):
+    """A random Gaussian over the parameters of flax Dense layers ``widths[0] -> ... -> widths[-1]``
+    (the layout of fairopt.models' modules), built without an init call."""
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers[f"Dense_{index}"] = {"kernel": (fan_in, fan_out), "bias": (fan_out,)}
+    mean = jax.tree_util.tree_map(lambda shape: jnp.asarray(rng.normal(size=shape), jnp.float32), layers,
+                                  is_leaf=lambda node: isinstance(node, tuple))
+    log_std = jax.tree_util.tree_map(lambda shape: jnp.asarray(rng.uniform(-2.0, -0.5, shape), jnp.float32), layers,
+                                     is_leaf=lambda node: isinstance(node, tuple))
+    return Gaussian(mean, log_std)
+
+
+def test_local_reparameterisation_has_the_moments_of_weight_sampling_per_row():
+    """One nn.Dense layer: a = x M + m + c sqrt(x^2 S^2 + s^2) eps has mean x M + m and variance
+    c^2 (x^2 S^2 + s^2) per row and unit (c = noise_scale), the moments of x W + b with
+    W = M + c S xi, and identical rows get independent draws (one weight draw would give them
+    correlation 1). Through an ELU MLP each row's logits match weight sampling's mean and
+    spread (Monte Carlo). The same key gives the same pass; a non-flax model is refused."""
+    from fairopt import models
+
+    linear, mlp = models.linear(3), models.mlp(2, hidden=(5,))
+    linear_apply_fn = lambda p, x: linear.apply({"params": p}, x)  # noqa: E731
+    mlp_apply_fn = lambda p, x: mlp.apply({"params": p}, x)  # noqa: E731
+    q_linear, q_mlp = _dense_posterior((4, 3), 1), _dense_posterior((3, 5, 2), 4)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 4)), jnp.float32).at[2].set(0.0)
+    x = jnp.concatenate([x, x[:1]])  # row 3 repeats row 0; row 2 is zero (bias noise only)
+    row = jnp.asarray([[0.7, -1.2, 0.4]], jnp.float32)
+    scale, draws = 0.5, 4000
+
+    @jax.jit  # one program: eager op-by-op dispatch would cost more than the draws
+    def draw(key):
+        keys = jax.random.split(key, (3, draws))
+        local = lambda apply_fn, q, inputs: jax.vmap(  # noqa: E731
+            lambda k: posterior.local_reparameterisation_apply(apply_fn, q, inputs, k, scale)
+        )
+        mean, unravel = ravel_pytree(q_mlp.mean)
+        weights = mean + scale * jnp.exp(ravel_pytree(q_mlp.log_std)[0]) * jax.random.normal(keys[2, 0], (draws, mean.size))
+        sampled = jax.vmap(lambda w: mlp_apply_fn(unravel(w), row))(weights)  # W = M + c S xi
+        return local(linear_apply_fn, q_linear, x)(keys[0]), local(mlp_apply_fn, q_mlp, row)(keys[1])[:, 0], sampled[:, 0]
+
+    dense, mlp_local, mlp_sampled = (np.asarray(a, np.float64) for a in draw(jax.random.key(3)))
+    layer_mean, layer_std = (jax.tree_util.tree_map(np.asarray, tree["Dense_0"]) for tree in (q_linear.mean, q_linear.log_std))
+    rows = np.asarray(x, np.float64)
+    mean = rows @ layer_mean["kernel"] + layer_mean["bias"]
+    variance = scale**2 * (rows**2 @ np.exp(2 * layer_std["kernel"]) + np.exp(2 * layer_std["bias"]))
+    assert np.all(np.abs(dense.mean(0) - mean) < 5 * np.sqrt(variance / draws))
+    np.testing.assert_allclose(dense.var(0), variance, rtol=0.12)  # 5 standard errors
+    assert abs(np.corrcoef(dense[:, 0, 0], dense[:, 3, 0])[0, 1]) < 0.08
+    spread = mlp_sampled.std(0)
+    assert np.all(np.abs(mlp_local.mean(0) - mlp_sampled.mean(0)) < 5 * spread * np.sqrt(2 / draws))
+    np.testing.assert_allclose(mlp_local.std(0), spread, rtol=0.08)
+    np.testing.assert_array_equal(
+        posterior.local_reparameterisation_apply(linear_apply_fn, q_linear, x, jax.random.key(7), scale),
+        posterior.local_reparameterisation_apply(linear_apply_fn, q_linear, x, jax.random.key(7), scale),
+    )
+    with pytest.raises(ValueError, match="flax nn.Dense layers only, but the parameters b, w"):
+        posterior.local_reparameterisation_apply(linear_apply, posterior.gaussian_init({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}),
+                                                 row, jax.random.key(0))
 
 
 # ---------------------------------------------------------------- vmap and jit

@@ -18,7 +18,14 @@ data), :mod:`~fairopt.data.synthetic` (generators), :mod:`~fairopt.data.splits`,
 :mod:`~fairopt.data.frames` (your own table: :func:`from_frame`, :func:`from_csv`).
 """
 
-from fairopt.data.batching import GroupBatch, GroupedArrays, group_arrays, sample_group_batch, sample_group_batches
+from fairopt.data.batching import (
+    GroupBatch,
+    GroupedArrays,
+    group_arrays,
+    sample_group_batch,
+    sample_group_batches,
+    whole_group_batch,
+)
 from fairopt.data.dataset import Dataset, Splits, summary
 from fairopt.data.frames import DataWarning, check_group_sizes, from_csv, from_frame, read_csv
 from fairopt.data.registry import DATASETS, load
@@ -77,4 +84,5 @@ __all__ = [
     "group_arrays",
     "sample_group_batch",
     "sample_group_batches",
+    "whole_group_batch",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 
 from fairopt.data.dataset import Dataset
 
-__all__ = ["GroupedArrays", "GroupBatch", "group_arrays", "sample_group_batch", "sample_group_batches"]
+__all__ = ["GroupedArrays", "GroupBatch", "group_arrays", "sample_group_batch", "sample_group_batches", "whole_group_batch"]
 
 
 class GroupedArrays(NamedTuple):
@@ -162,6 +162,19 @@ def _compiled_group_batch(key, grouped: GroupedArrays, batch_size: int, replace:
     # Jitted so that eager calls run one compiled program instead of dispatching op by op;
     # inside an outer jit/scan it is simply inlined.
     return _draw(key, grouped, (), batch_size, replace)
+
+
+def whole_group_batch(grouped: GroupedArrays) -> GroupBatch:
+    """Every real row of every group as one ``[G, N_max]`` batch: the arrays as they are, with the
+    mask True on group g's first ``count[g]`` rows and False on the padding.
+
+    A masked mean over this batch is the mean over each group's whole split (e.g. FACIMS's
+    upper objective on all validation rows, ``FacimsConfig.whole_validation``). Jit-able; the
+    cost scales with ``N_max``, so lay the split out with ``pad_to`` no larger than needed.
+    """
+    grouped = _check_grouped(grouped)
+    mask = jnp.arange(grouped.y.shape[1])[None, :] < grouped.count[:, None]
+    return GroupBatch(grouped.x, grouped.y, mask)
 
 
 def sample_group_batches(

@@ -51,6 +51,11 @@ Decisions and deviations from the official code (see also ``SPEC.md`` §7):
   class-balanced cross-entropy.
 * ``v`` is parameterised as ``shift`` and ``log_scale`` (``Delta = exp(log_scale) > 0``) and
   initialised at ``v_bar``, so FACIMS-II is exactly FACIMS with beta = 0 and ``v`` frozen.
+* Two choices of the official code are options, measured in ``docs/facims_ablation.md``:
+  ``whole_validation`` with ``validation_draws=1`` (its upper objective: the whole validation
+  split, one stochastic pass per row and outer step; default: a sampled batch of
+  ``val_batch_size`` per group and ``num_mc`` draws) and ``local_reparameterisation`` (its
+  layers draw the pre-activations per row; default: one weight draw per forward pass).
 * Not copied: the sigmoid on the network output, class weights from test labels, local models
   for only the first groups, a SAM radius growing with the group index.
 """
@@ -66,7 +71,7 @@ import numpy as np
 import optax
 
 from fairopt import implicit, losses, posterior, sam
-from fairopt.data.batching import GroupedArrays, sample_group_batch
+from fairopt.data.batching import GroupedArrays, sample_group_batch, whole_group_batch
 from fairopt.losses import masked_mean
 from fairopt import sweep
 from fairopt.sweep import HyperparameterConfig
@@ -162,6 +167,19 @@ class FacimsConfig(HyperparameterConfig):
       common_noise: every group's weight draws use the same standard-normal xi (common random
         numbers; each group's estimate keeps its distribution, only the groups' draws become
         correlated). It cuts a round's CPU time 1.45x at G = 7 on a CPU.
+      local_reparameterisation: every Monte-Carlo forward pass (training, hypergradient and
+        prediction) draws each dense layer's pre-activations, fresh per row, instead of one
+        weight draw per pass (``fairopt.posterior.local_reparameterisation_apply``; the official
+        code's layers): each row's output keeps its distribution, rows become independent. The
+        model must be a flax module of ``nn.Dense`` layers (fairopt's mlp and linear).
+      whole_validation: every upper step evaluates ``L_bal`` on all of each group's validation
+        rows (the padded layout, padding masked) instead of a sampled batch of
+        ``val_batch_size`` per group. The official code averages its validation loss over the
+        whole split at every outer step (pooled over groups; here each group's term is its own
+        rows' mean, as in (7a)). Its cost grows with the largest group's validation rows.
+      validation_draws: Monte-Carlo draws of the global posterior in the upper objective's
+        ``E_{w ~ Z} L_bal`` (None: ``num_mc``). The official code makes one stochastic pass over
+        each validation row per outer step: ``whole_validation`` with ``validation_draws=1``.
       group_mapping: how the per-group functions run over the group axis, inside one compiled
         round (every choice gives the same values up to float rounding): vmap (one batched
         kernel per operation; accelerators, sharded group axes), unroll (G traced copies that
@@ -212,6 +230,9 @@ class FacimsConfig(HyperparameterConfig):
     num_eval_samples: int = 20
     prediction: str = "monte_carlo"
     common_noise: bool = True
+    local_reparameterisation: bool = False
+    whole_validation: bool = False
+    validation_draws: int | None = None
     group_mapping: str = "auto"
 
     def __post_init__(self):
@@ -249,6 +270,8 @@ class FacimsConfig(HyperparameterConfig):
                 f"FacimsConfig.hypergradient_samples={self.hypergradient_samples} exceeds num_mc={self.num_mc}; "
                 "lower it or raise num_mc"
             )
+        if self.validation_draws is not None and self.validation_draws < 1:
+            raise ValueError(f"FacimsConfig.validation_draws must be None or >= 1, got {self.validation_draws}")
         if self.groups_per_step is not None and self.groups_per_step < 1:
             raise ValueError(f"FacimsConfig.groups_per_step must be None or >= 1, got {self.groups_per_step}")
 
@@ -302,6 +325,16 @@ def logit_adjusted_vs_params(class_counts, num_groups: int, *, tau, per_group: b
     if per_group:
         shift = jnp.repeat(shift[:, None], num_groups, axis=1)
     return VSParams(shift, jnp.zeros_like(shift))
+
+
+def monte_carlo_noise(config: FacimsConfig, key, q: posterior.Gaussian, num_draws: int):
+    """What ``num_draws`` Monte-Carlo forward passes of ``q`` consume: standard-normal weight noise
+    shaped like ``q.mean`` with a leading ``[num_draws]`` axis, or with
+    ``config.local_reparameterisation`` ``num_draws`` PRNG keys (the pre-activation noise of each
+    pass is drawn from its key inside the pass)."""
+    if config.local_reparameterisation:
+        return jax.random.split(key, num_draws)
+    return posterior.standard_normal_like(key, q, num_draws)
 
 
 def group_sharpness(config: FacimsConfig, group_counts, sharpness=None) -> jax.Array:
@@ -417,23 +450,27 @@ def _group_functions(apply_fn, config: FacimsConfig, h: FacimsHyperparams, *, cl
         """``mu + noise_scale * sigma * xi`` for standard-normal ``noise`` (module docstring)."""
         return posterior.sample_with_noise(q, scaled(noise))
 
-    def mc_mean(loss_of_weights, q: posterior.Gaussian, noise):
-        """Average over the leading Monte-Carlo axis of ``noise`` of a loss of sampled weights."""
+    def mc_mean(loss_of_logits, q: posterior.Gaussian, x, noise):
+        """``(1/S) sum_s loss_of_logits(f(x; w_s))``, ``w_s ~ q``, over the leading Monte-Carlo axis of
+        ``noise`` (:func:`monte_carlo_noise`): standard-normal weight noise (one weight draw per
+        forward pass), or with ``local_reparameterisation`` one key per forward pass whose
+        pre-activation noise is fresh per row (:func:`fairopt.posterior.local_reparameterisation_apply`)."""
+        if config.local_reparameterisation:
+            forward = lambda key: posterior.local_reparameterisation_apply(apply_fn, q, x, key, h.noise_scale)  # noqa: E731
+            return jnp.mean(jax.vmap(lambda key: loss_of_logits(forward(key)))(noise))
         weights = posterior.sample_draws(q, scaled(noise))  # one sample_weights per draw
-        return jnp.mean(jax.vmap(loss_of_weights)(weights))
+        return jnp.mean(jax.vmap(lambda w: loss_of_logits(apply_fn(w, x)))(weights))
 
-    def train_loss(weights, vs_params, x, y, mask, group):
+    def train_loss(logits, vs_params, y, mask, group):
         """``L_vs``: the parametric VS loss on a group's batch (CE for FAMS)."""
-        logits = apply_fn(weights, x)
         if config.method == "fams":
             per_example = losses.cross_entropy(logits, y)
         else:
             per_example = losses.vs_loss(logits, y, **vs_kwargs(vs_params, group))
         return masked_mean(per_example, mask)
 
-    def validation_loss(weights, x, y, mask, group):
+    def validation_loss(logits, y, mask, group):
         """``L_bal``: the balanced validation loss on a group's batch."""
-        logits = apply_fn(weights, x)
         if config.validation_loss == "balanced_ce":
             return losses.balanced_mean(losses.cross_entropy(logits, y), y, num_classes, mask=mask)
         return masked_mean(losses.vs_loss(logits, y, **vs_kwargs(v_bar, group)), mask)
@@ -444,13 +481,13 @@ def _group_functions(apply_fn, config: FacimsConfig, h: FacimsHyperparams, *, cl
         shifted = local_q if perturbation is None else local_q._replace(
             mean=jax.tree_util.tree_map(jnp.add, local_q.mean, perturbation)
         )
-        data_term = mc_mean(lambda w: train_loss(w, vs_params, x, y, mask, group), shifted, noise)
+        data_term = mc_mean(lambda logits: train_loss(logits, vs_params, y, mask, group), shifted, x, noise)
         return h.alpha_low * divergence(local_q, global_q) + data_term
 
     def upper_objective(local_q, global_q, val_batch, global_noise, group):
         """``alpha_up D(Z^a || Z) + E_{w ~ Z} L_bal(w; V^a)`` (7a), one group's term."""
         x, y, mask = val_batch
-        data_term = mc_mean(lambda w: validation_loss(w, x, y, mask, group), global_q, global_noise)
+        data_term = mc_mean(lambda logits: validation_loss(logits, y, mask, group), global_q, x, global_noise)
         return h.alpha_up * divergence(local_q, global_q) + data_term
 
     # ---- one middle step for one group ----------------------------------------------------------
@@ -459,7 +496,7 @@ def _group_functions(apply_fn, config: FacimsConfig, h: FacimsHyperparams, *, cl
         if config.uses_sharpness:
             x, y, mask = batch
             data_term = lambda mean: mc_mean(  # noqa: E731
-                lambda w: train_loss(w, vs_params, x, y, mask, group), local_q._replace(mean=mean), noise
+                lambda logits: train_loss(logits, vs_params, y, mask, group), local_q._replace(mean=mean), x, noise
             )
             perturbation = sam.sam_perturbation(jax.grad(data_term)(local_q.mean), radius)
         else:
@@ -681,16 +718,16 @@ def facims(
         global_q, vs_params = state.global_posterior, state.vs_params
         active = active_groups(active_key, train)
 
-        def noise_for(key, q, leading):
-            return posterior.standard_normal_like(key, q, config.num_mc) if leading is None else jax.vmap(
-                lambda k: posterior.standard_normal_like(k, q, config.num_mc)
+        def noise_for(key, q, leading, num_draws=config.num_mc):
+            return monte_carlo_noise(config, key, q, num_draws) if leading is None else jax.vmap(
+                lambda k: monte_carlo_noise(config, k, q, num_draws)
             )(jax.random.split(key, leading))
 
         one_group_q = jax.tree_util.tree_map(lambda leaf: leaf[0], state.local_posteriors)  # noise shapes
 
         def middle_draw(batch_key, noise_key):
             """A middle step's train batch [G, B] and Monte-Carlo noise [num_mc, ...] ([G, num_mc, ...]
-            without ``common_noise``)."""
+            without ``common_noise``; keys instead of weight noise with ``local_reparameterisation``)."""
             leading = None if config.common_noise else num_groups
             return sample_group_batch(batch_key, train, batch_size), noise_for(noise_key, one_group_q, leading)
 
@@ -717,14 +754,16 @@ def facims(
             middle_noise,
         )
 
+        whole_val = whole_group_batch(val) if config.whole_validation else None  # every row, padding masked
+
         def upper_body(carry, step_keys):
             global_q, vs_params, global_opt_state, hparam_opt_state = carry
             val_key, noise_key = step_keys
             num_active = jnp.maximum(jnp.sum(active), 1)
             weight = active.astype(jnp.float32) / num_active
             if config.has_validation_level:
-                val_batch = sample_group_batch(val_key, val, val_batch_size)
-                global_noise = noise_for(noise_key, global_q, None)
+                val_batch = whole_val if config.whole_validation else sample_group_batch(val_key, val, val_batch_size)
+                global_noise = noise_for(noise_key, global_q, None, config.validation_draws or config.num_mc)
                 grad_global, grad_vs, values = over_groups(
                     parts.group_hypergradient, in_axes=(0, None, None, 0, noise_axis, 0, None, 0)
                 )(local_q, global_q, vs_params, last_batch, last_noise, val_batch, global_noise, groups)
@@ -767,13 +806,18 @@ def facims(
     def predict(state: FacimsState, x, key=None):
         """Monte-Carlo average of the global posterior's predictive probabilities
         ``(1/S) sum_s softmax(f(x; mu + noise_scale sigma xi_s))`` with ``S = num_eval_samples``
-        (``prediction="mean"``: ``softmax(f(x; mu))``, and ``key`` is unused)."""
+        (``local_reparameterisation``: each pass draws the pre-activations per row;
+        ``prediction="mean"``: ``softmax(f(x; mu))``, and ``key`` is unused)."""
         if config.prediction == "mean":
             return posterior.mean_predict(apply_fn, state.global_posterior, x)
         if key is None:
             key = jax.random.fold_in(state.key, 0x5EED)
-        noise = posterior.standard_normal_like(key, state.global_posterior, config.num_eval_samples)
         scale = state.hyperparams.noise_scale
+        if config.local_reparameterisation:
+            forward = lambda k: posterior.local_reparameterisation_apply(apply_fn, state.global_posterior, x, k, scale)  # noqa: E731
+            keys = jax.random.split(key, config.num_eval_samples)
+            return jnp.mean(jax.vmap(lambda k: jax.nn.softmax(forward(k), axis=-1))(keys), axis=0)
+        noise = posterior.standard_normal_like(key, state.global_posterior, config.num_eval_samples)
         samples = posterior.sample_draws(state.global_posterior, jax.tree_util.tree_map(lambda e: scale * e, noise))
         probs = jax.vmap(lambda w: jax.nn.softmax(apply_fn(w, x), axis=-1))(samples)
         return jnp.mean(probs, axis=0)
