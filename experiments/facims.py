@@ -70,6 +70,12 @@ flags.DEFINE_bool("overwrite", False, "Replace existing results files.")
 flags.DEFINE_integer("checkpoint_every", 10, "Save the training state every N rounds/epochs (0: never).", lower_bound=0)
 flags.DEFINE_bool("resume", False, "Continue an interrupted run from <output_dir>/checkpoints (same flags).")
 data_flags.define_data_flags()  # --data, --label, --group, --features, --positive, --impute, --drop_missing, --drug_path...
+flags.DEFINE_enum(
+    "split", "per_seed", ("per_seed", "fixed"),
+    "per_seed: a new label-stratified 49/21/30 split for every seed (fairopt's protocol); fixed: the official code's "
+    "split (scikit-learn train_test_split, random_state 42), the same for every seed, which then varies the "
+    "resampling and the training only - the protocol of the official numbers.",
+)
 flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after resampling (0: no resampling).", lower_bound=0)
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 50, "Rows per group per step.", lower_bound=1)
@@ -152,7 +158,8 @@ class SeedData:
 
     def __init__(self, seed: int):
         dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seed)
-        self.splits, self.original_train = prepare(dataset, seed, FLAGS.samples_per_group)
+        self.splits, self.original_train = prepare(dataset, seed, FLAGS.samples_per_group,
+                                                        fixed_split=FLAGS.split == "fixed")
         counted = self.splits.train if FLAGS.class_counts_from == "resampled" else self.original_train
         self.class_counts = counted.class_counts  # v_bar, the balanced losses, BERM's weights
         # One padded size for every seed (the dataset's largest group; padding is never sampled),
@@ -398,7 +405,8 @@ def setup(argv):
             except ValueError as error:
                 raise ValueError(f"--shard_groups: {error}") from None
         described = data_flags.check_data_flags(  # the data load and split for every seed, or a usage error
-            FLAGS, default_dataset=FLAGS.dataset, seeds=seeds, prepare=lambda d, s: prepare(d, s, FLAGS.samples_per_group)
+            FLAGS, default_dataset=FLAGS.dataset, seeds=seeds,
+            prepare=lambda d, s: prepare(d, s, FLAGS.samples_per_group, fixed_split=FLAGS.split == "fixed"),
         )
         num_groups = len(seed_data(seeds[0]).original_train.group_counts) if FLAGS.shard_groups > 1 else 1
         if num_groups % FLAGS.shard_groups:

@@ -26,13 +26,15 @@ PAPER_FACIMS_CREDIT_STD = {m: {c: v[1] for c, v in zip(_FACIMS_COLUMNS, row)} fo
 CLASS_COUNT_SOURCES = ("original", "resampled")
 
 
-def prepare(dataset: data.Dataset, seed: int, samples_per_group: int) -> tuple[data.Splits, data.Dataset]:
+def prepare(dataset: data.Dataset, seed: int, samples_per_group: int, *,
+            fixed_split: bool = False) -> tuple[data.Splits, data.Dataset]:
     """Paper protocol: label-stratified split, train-only standardisation, per-group resampling.
 
-    Returns the splits (train resampled) and the training split before resampling (whose group
-    counts set the frequency-scaled SAM radii; ``--class_counts_from`` says whose class counts
-    set the losses)."""
-    splits = data.standardize(data.facims_split(dataset, seed=seed))
+    ``fixed_split``: the official code's split, one for every seed (``data.facims_split(fixed=True)``;
+    the seed then varies the resampling and the training only). Returns the splits (train
+    resampled) and the training split before resampling (whose group counts set the
+    frequency-scaled SAM radii; ``--class_counts_from`` says whose class counts set the losses)."""
+    splits = data.standardize(data.facims_split(dataset, seed=seed, fixed=fixed_split))
     original_train = splits.train
     if samples_per_group:
         splits = splits._replace(train=data.resample_per_group(original_train, samples_per_group, seed=seed))

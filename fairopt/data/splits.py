@@ -183,7 +183,7 @@ def split(
     return splits
 
 
-def facims_split(dataset: Dataset, *, seed: int, empty_groups: str = "warn") -> Splits:
+def facims_split(dataset: Dataset, *, seed: int, empty_groups: str = "warn", fixed: bool = False) -> Splits:
     """The FACIMS protocol (SPEC §7): 30 % test stratified by label, then 30 % of the rest val.
 
     On credit (30,000 rows) this gives train 14,700 / val 6,300 / test 9,000, each with the
@@ -196,18 +196,49 @@ def facims_split(dataset: Dataset, *, seed: int, empty_groups: str = "warn") -> 
       dataset: the rows to split.
       seed: seed of ``np.random.default_rng`` (one generator drives both stages).
       empty_groups: ``"warn"`` (default), ``"raise"`` or ``"ignore"``, as in :func:`split`.
+      fixed: the official code's split instead, the same for every seed: scikit-learn's
+        ``train_test_split(test_size=0.3, random_state=42, stratify=labels)``, then the same
+        call on the rest (its ``random_state`` and stratification; on credit this reproduces the
+        official training groups 9 / 5,180 / 6,914 / 2,374 / 56 / 139 / 28 row for row). ``seed``
+        is then unused here (it still drives resampling and training). Needs scikit-learn
+        (the ``data`` extra).
     """
     dataset = _check_dataset(dataset)
     seed = check_seed(seed)
-    rng = np.random.default_rng(seed)
-    rest, test = stratified_partition(dataset.labels.astype(np.int64), np.array([0.7, 0.3]), rng)
-    train_in_rest, val_in_rest = stratified_partition(
-        dataset.labels[rest].astype(np.int64), np.array([0.7, 0.3]), rng
-    )
+    if fixed:
+        rest, test, train_in_rest, val_in_rest = _official_split_indices(dataset.labels)
+    else:
+        rng = np.random.default_rng(seed)
+        rest, test = stratified_partition(dataset.labels.astype(np.int64), np.array([0.7, 0.3]), rng)
+        train_in_rest, val_in_rest = stratified_partition(
+            dataset.labels[rest].astype(np.int64), np.array([0.7, 0.3]), rng
+        )
     splits = Splits(dataset.subset(rest[train_in_rest]), dataset.subset(rest[val_in_rest]), dataset.subset(test))
     _check_empty_groups(dataset, splits, (0.49, 0.21, 0.30), empty_groups)
     return splits
 
+
+
+OFFICIAL_SPLIT_RANDOM_STATE = 42  # the FACIMS official code's train_test_split(random_state=42)
+
+
+def _official_split_indices(labels: np.ndarray):
+    """``(rest, test, train_in_rest, val_in_rest)`` of the official code's two label-stratified
+    ``train_test_split`` calls (30 % test, then 30 % of the rest), as sorted index arrays."""
+    try:
+        from sklearn.model_selection import train_test_split
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "facims_split(fixed=True) reproduces scikit-learn's train_test_split and needs scikit-learn: "
+            "pip install 'fairopt[data]' (or pip install scikit-learn)"
+        ) from None
+    rows = np.arange(len(labels))
+    rest, test = train_test_split(rows, test_size=0.3, random_state=OFFICIAL_SPLIT_RANDOM_STATE, stratify=labels)
+    train, val = train_test_split(rest, test_size=0.3, random_state=OFFICIAL_SPLIT_RANDOM_STATE, stratify=labels[rest])
+    rest = np.sort(rest)  # every part in row order, as the per-seed split
+    position = np.empty(len(labels), np.int64)
+    position[rest] = np.arange(len(rest))
+    return rest, np.sort(test), np.sort(position[train]), np.sort(position[val])
 
 class FeatureStatistics(NamedTuple):
     """Per-column ``mean`` and ``scale`` (float64 ``[d]``) of a standardisation."""
