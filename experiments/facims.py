@@ -76,12 +76,25 @@ flags.DEFINE_enum(
     "split (scikit-learn train_test_split, random_state 42), the same for every seed, which then varies the "
     "resampling and the training only - the protocol of the official numbers.",
 )
+flags.DEFINE_float(
+    "selection_fraction", 0.0,
+    "Fraction of the validation split held out from the FACIMS upper level (stratified by class and group): the "
+    "upper level trains on the rest, and the FACIMS methods choose their round and report their val_ metrics on "
+    "the held-out rows, which no method trains on. 0: the upper level uses the whole validation split (its val_ "
+    "metrics are then in-sample). The baselines, which never train on validation, select on the whole split.",
+    lower_bound=0.0, upper_bound=0.9,
+)
 flags.DEFINE_integer("samples_per_group", 400, "Training rows per group after resampling (0: no resampling).", lower_bound=0)
 flags.DEFINE_integer("epochs", 50, "Rounds (the official code's epochs).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 50, "Rows per group per step.", lower_bound=1)
 flags.DEFINE_list("hidden", ["400", "200", "100"], "Hidden widths of the ELU MLP (the papers': 400,200,100).")
 flags.DEFINE_list("baseline_lr", ["3e-4", "1e-3", "3e-3"], "Adam steps of the ERM/BERM baselines; the one of highest "
                   "validation balanced accuracy is kept (with --model_selection per step).")
+flags.DEFINE_enum(
+    "output_activation", "none", models.OUTPUT_ACTIVATIONS,
+    "none: the MLP returns logits; sigmoid: sigmoid(logits), the official FACIMS code's defect, for diagnosis "
+    "(every method's MLP).",
+)
 flags.DEFINE_integer("num_bins", 10, "Bins of the sufficiency gap.", lower_bound=2)
 flags.DEFINE_enum(
     "class_counts_from", CLASS_COUNT_SOURCES[0], CLASS_COUNT_SOURCES,
@@ -93,9 +106,10 @@ flags.DEFINE_enum(
     "model_selection", "auto", ("auto", "last", "best_round"),
     "Which iterate a run reports: last (after the final round / epoch), best_round (the round / epoch of highest "
     "validation balanced accuracy, evaluated after every one: early stopping on validation) or auto: best_round for "
-    "the methods that never train on the validation split (erm, berm, fams), last for facims, facims_i and "
-    "facims_ii, whose upper level trains on it (their validation metrics are in-sample, so choosing a round on them "
-    "is choosing on training data).",
+    "the methods that never train on the validation split (erm, berm, fams), and for facims, facims_i and "
+    "facims_ii when --selection_fraction holds rows out of their upper level (they choose on those rows); last for "
+    "the FACIMS methods otherwise (their upper level trains on the whole validation split, so its metrics are "
+    "in-sample and choosing a round on them is choosing on training data).",
 )
 CONFIG_FLAGS = common.define_config_flags(FacimsConfig, skip=("method",))
 common.define_sweep_flags()
@@ -124,6 +138,11 @@ def hidden_widths() -> tuple[int, ...]:
     if not widths:
         raise ValueError("--hidden needs at least one width, e.g. --hidden=400,200,100")
     return widths
+
+
+def model_options() -> dict:
+    """The MLP's options from the flags (``models.mlp``): hidden widths and output activation."""
+    return dict(hidden=hidden_widths(), output_activation=FLAGS.output_activation)
 
 
 def facims_config(method: str, setting: dict | None = None) -> FacimsConfig:
@@ -162,6 +181,14 @@ class SeedData:
                                                         fixed_split=FLAGS.split == "fixed")
         counted = self.splits.train if FLAGS.class_counts_from == "resampled" else self.original_train
         self.class_counts = counted.class_counts  # v_bar, the balanced losses, BERM's weights
+        # The FACIMS upper level's validation rows and the held-out rows its round is chosen on
+        # (--selection_fraction; both the whole validation split when it is 0).
+        self.upper_val = self.selection = self.splits.val
+        if FLAGS.selection_fraction > 0:
+            self.upper_val, self.selection, _ = data.split(
+                self.splits.val, (1.0 - FLAGS.selection_fraction, FLAGS.selection_fraction, 0.0), seed=seed,
+                stratify="label_group", empty_groups="ignore",
+            )
         # One padded size for every seed (the dataset's largest group; padding is never sampled),
         # so that the seeds' arrays stack into one vmapped program.
         pad_to = int(max(
@@ -169,7 +196,7 @@ class SeedData:
             self.splits.train.group_counts.max(),
         ))
         self.grouped = FacimsData(
-            data.group_arrays(self.splits.train, pad_to=pad_to), data.group_arrays(self.splits.val, pad_to=pad_to)
+            data.group_arrays(self.splits.train, pad_to=pad_to), data.group_arrays(self.upper_val, pad_to=pad_to)
         )
 
 
@@ -186,7 +213,7 @@ def validation_rows() -> int:
     """The largest group's validation rows over the run's seeds. The validation arrays are cut to
     it: sampled batches are unchanged (padding is never drawn), and ``--whole_validation`` then
     costs the real rows, not the dataset's largest group (7 groups x 14,000 padded rows on credit)."""
-    return max(int(seed_data(seed).splits.val.group_counts.max()) for seed in common.parse_seeds(FLAGS.seeds))
+    return max(int(seed_data(seed).upper_val.group_counts.max()) for seed in common.parse_seeds(FLAGS.seeds))
 
 
 def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
@@ -202,7 +229,7 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
         prepared = seed_data(seed)
         params = models.make_model(
             "mlp", prepared.splits.train.num_classes, prepared.splits.train.num_features, jax.random.key(seed),
-            hidden=hidden_widths(),
+            **model_options(),
         )[0]
         per_run.append((
             jax.random.key(seed + 1), params, config.hyperparams(), prepared.class_counts,
@@ -236,22 +263,26 @@ def run_chunk(solver, apply_fn, runs, chunk_size, progress, checkpoints, name):
 
 
 def selects_round(method) -> bool:
-    """Whether ``method`` (a name or a FacimsConfig) reports its best validation round (``--model_selection``)."""
+    """Whether ``method`` (a name or a FacimsConfig) reports its best validation round (``--model_selection``).
+
+    ``auto``: yes for the methods that never train on the validation split, and for the FACIMS
+    methods whose upper level leaves out ``--selection_fraction`` of it (they choose on those rows)."""
     if FLAGS.model_selection != "auto":
         return FLAGS.model_selection == "best_round"
     if isinstance(method, FacimsConfig):
-        return not method.has_validation_level
+        return not method.has_validation_level or FLAGS.selection_fraction > 0
     return method in ("erm", "berm")
 
 
 class BestRound:
     """Early stopping on validation for a chunk of runs (``--model_selection=best_round``): after
-    every round each run's state is kept if its validation balanced accuracy beats its best so
-    far (:func:`fairopt.train.best_iterate_tracker`, ``jax.vmap``-ped over the runs, whose
-    validation sets are padded to one shape and masked)."""
+    every round each run's state is kept if its balanced accuracy on the selection rows
+    (``SeedData.selection``: the held-out part of the validation split, or all of it) beats its
+    best so far (:func:`fairopt.train.best_iterate_tracker`, ``jax.vmap``-ped over the runs,
+    whose selection sets are padded to one shape and masked)."""
 
     def __init__(self, predict, seeds):
-        vals = [seed_data(seed).splits.val for seed in seeds]
+        vals = [seed_data(seed).selection for seed in seeds]
         rows = max(len(v) for v in vals)
         pad = lambda a, v: np.concatenate([a, np.zeros((rows - len(v),) + a.shape[1:], a.dtype)])  # noqa: E731
         self.x = jnp.asarray(np.stack([pad(np.asarray(v.features, np.float32), v) for v in vals]))
@@ -299,7 +330,7 @@ def baseline_program(method, prepared):
     key = (method, tuple(np.asarray(prepared.class_counts).tolist()), len(train), train.num_features)
     if key not in _BASELINE_PROGRAMS:
         _, apply_fn = models.make_model("mlp", train.num_classes, train.num_features, jax.random.key(0),
-                                        hidden=hidden_widths())
+                                        **model_options())
         loss_fn = losses.make_loss("ce" if method == "erm" else "weighted_ce", class_counts=prepared.class_counts)
         solver = erm(apply_fn, loss_fn, optax.adam, steps_per_epoch=-(-len(train) // FLAGS.batch_size))
         epoch_fn = make_epoch_fn(solver.step, num_rows=len(train), batch_size=FLAGS.batch_size)
@@ -315,7 +346,7 @@ def run_baseline(method, seed, progress, checkpoints, run):
     prepared = seed_data(seed)
     dataset, val = prepared.splits.train, prepared.splits.val
     params = models.make_model(
-        "mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed), hidden=hidden_widths()
+        "mlp", dataset.num_classes, dataset.num_features, jax.random.key(seed), **model_options()
     )[0]
     solver, epoch_fn, init_best, update_best = baseline_program(method, prepared)
     best = None
@@ -359,11 +390,13 @@ class BestEpoch:
 
 def evaluated_row(method, seed, setting, predict, state, seconds, reports=None) -> dict:
     """A results row: test metrics, ``val_`` metrics and the setting (``reports``: the
-    ``(test, val)`` reports of a model evaluated elsewhere, e.g. scikit-learn's)."""
-    splits = seed_data(seed).splits
+    ``(test, val)`` reports of a model evaluated elsewhere, e.g. scikit-learn's). The FACIMS
+    methods' ``val_`` metrics are on their selection rows (``SeedData.selection``)."""
+    prepared = seed_data(seed)
+    val = prepared.selection if method in METHODS else prepared.splits.val
     if reports is None:
-        reports = (evaluate(predict, state, splits.test, num_bins=FLAGS.num_bins),
-                   evaluate(predict, state, splits.val, num_bins=FLAGS.num_bins))
+        reports = (evaluate(predict, state, prepared.splits.test, num_bins=FLAGS.num_bins),
+                   evaluate(predict, state, val, num_bins=FLAGS.num_bins))
     test, val = reports
     row = dict(method=method, seed=seed, setting=common.setting_label(setting), **setting, seconds=seconds, **test)
     row.update({f"val_{name}": value for name, value in val.items()})
@@ -426,7 +459,7 @@ def run_method(method, seeds, settings, rows, finished, progress, checkpoints):
     reference = seed_data(seeds[0])
     _, apply_fn = models.make_model(
         "mlp", reference.splits.train.num_classes, reference.splits.train.num_features, jax.random.key(0),
-        hidden=hidden_widths(),
+        **model_options(),
     )
     for static_index, members in enumerate(sweep.group_by_static(configs)):
         solver = facims(

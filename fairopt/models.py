@@ -4,7 +4,8 @@
   (credit card, drug consumption): ``d -> 400 -> 200 -> 100 -> K`` with ELU activations
   (Tarzanagh et al., UAI 2023, appendix; the official code's ``400-200-100`` ELU network).
   Unlike the official FACIMS code there is **no sigmoid on the output**: the network returns raw
-  logits for a softmax cross-entropy (SPEC §7 lists the sigmoid as a defect).
+  logits for a softmax cross-entropy (SPEC §7 lists the sigmoid as a defect). The defect is
+  available as ``output_activation="sigmoid"`` for diagnosis only (the FACIMS ablation measures it).
 * :func:`linear` — a linear classifier ``x W + b`` (FairALM's linear experiments, sanity checks).
 
 Every layer is a ``flax.linen.Dense`` with flax's default initialisation (LeCun-normal kernel,
@@ -36,6 +37,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 PAPER_HIDDEN = (400, 200, 100)
+OUTPUT_ACTIVATIONS = ("none", "sigmoid")
 
 
 class MLP(nn.Module):
@@ -45,18 +47,23 @@ class MLP(nn.Module):
       num_classes: output width ``K`` (logits).
       hidden: widths of the hidden layers.
       activation: a key of :data:`ACTIVATIONS`.
+      output_activation: ``"none"`` (logits) or ``"sigmoid"``: ``sigmoid(z)`` in place of the
+        logits ``z``, the official FACIMS code's defect (a softmax over values in (0, 1) keeps
+        binary probabilities within (0.27, 0.73)); for diagnosis, never a default.
     """
 
     num_classes: int
     hidden: Sequence[int] = PAPER_HIDDEN
     activation: str = "elu"
+    output_activation: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         activation = ACTIVATIONS[self.activation]
         for width in self.hidden:
             x = activation(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
+        logits = nn.Dense(self.num_classes)(x)
+        return nn.sigmoid(logits) if self.output_activation == "sigmoid" else logits
 
 
 class Linear(nn.Module):
@@ -76,13 +83,15 @@ def _check_positive_int(value, name: str) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def mlp(num_classes: int, hidden: Sequence[int] = PAPER_HIDDEN, activation: str = "elu") -> MLP:
+def mlp(num_classes: int, hidden: Sequence[int] = PAPER_HIDDEN, activation: str = "elu",
+        output_activation: str = "none") -> MLP:
     """The papers' MLP (default ``400-200-100`` with ELU) as a ``flax.linen`` module.
 
     Args:
       num_classes: number of output logits ``K`` (>= 1).
       hidden: hidden-layer widths (each >= 1; ``()`` gives a linear model).
       activation: one of :data:`ACTIVATIONS` (``"elu"``: the papers').
+      output_activation: one of :data:`OUTPUT_ACTIVATIONS` (``"none"``: logits; see :class:`MLP`).
 
     Returns:
       :class:`MLP` module; ``module.apply({"params": params}, x)`` returns logits ``[..., K]``.
@@ -96,7 +105,9 @@ def mlp(num_classes: int, hidden: Sequence[int] = PAPER_HIDDEN, activation: str 
         _check_positive_int(width, f"hidden[{index}]")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    return MLP(num_classes=num_classes, hidden=hidden, activation=activation)
+    if output_activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}, got {output_activation!r}")
+    return MLP(num_classes=num_classes, hidden=hidden, activation=activation, output_activation=output_activation)
 
 
 def linear(num_classes: int) -> Linear:

@@ -54,6 +54,21 @@ def test_mlp_uses_elu_and_returns_raw_logits(paper_mlp):
     assert float(jnp.max(jnp.abs(big))) > 1.0
 
 
+def test_sigmoid_output_is_the_official_defect_on_the_same_logits(paper_mlp):
+    params, apply_fn = paper_mlp
+    squashed_params, squashed_fn = models.make_model(
+        "mlp", NUM_CLASSES, NUM_FEATURES, jax.random.key(0), output_activation="sigmoid")
+    chex.assert_trees_all_equal(params, squashed_params)  # same parameters, only the output differs
+    x = random_inputs(2, (5, NUM_FEATURES))
+    np.testing.assert_allclose(squashed_fn(params, 20.0 * x), jax.nn.sigmoid(apply_fn(params, 20.0 * x)), rtol=1e-6)
+    # binary probabilities stay inside (1/(1+e), e/(1+e)) = (0.269, 0.731) however large the logits
+    binary_params, binary_fn = models.make_model("mlp", 2, NUM_FEATURES, jax.random.key(1), output_activation="sigmoid")
+    probabilities = jax.nn.softmax(binary_fn(binary_params, 100.0 * x))
+    assert float(jnp.max(probabilities)) < 0.7311 and float(jnp.min(probabilities)) > 0.2689
+    with pytest.raises(ValueError, match="output_activation must be one of none, sigmoid"):
+        models.mlp(2, output_activation="softplus")
+
+
 def test_default_initialisation_is_lecun_normal_kernels_and_zero_biases(paper_mlp):
     params, _ = paper_mlp
     for layer, fan_in in (("Dense_1", 400), ("Dense_2", 200)):
