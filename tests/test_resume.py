@@ -116,6 +116,37 @@ def test_every_config_field_is_a_flag_that_reaches_the_solver_config():
     assert {k: reply["config"][k] for k in expected} == expected
 
 
+def test_selection_fraction_holds_validation_rows_out_of_the_upper_level():
+    """--selection_fraction splits the validation split (stratified by class and group) into the
+    rows the FACIMS upper level trains on and the held-out rows it chooses its round on; with 0
+    both are the whole split and FACIMS keeps its last round (its validation metrics are in-sample)."""
+    script = (
+        "import sys, json, numpy as np\n"
+        "from experiments import facims as e\n"
+        "e.FLAGS(sys.argv)\n"
+        "d = e.seed_data(0)\n"
+        "ids = lambda part: sorted(map(tuple, np.round(np.asarray(part.features, np.float64), 5).tolist()))\n"
+        "upper, held, val = ids(d.upper_val), ids(d.selection), ids(d.splits.val)\n"
+        "grouped_rows = int(np.asarray(d.grouped.val.count).sum())\n"
+        "print(json.dumps(dict(upper=len(upper), held=len(held), val=len(val), union=sorted(upper + held) == val,\n"
+        "    cells_val=d.splits.val.cell_counts.tolist(), cells_held=d.selection.cell_counts.tolist(),\n"
+        "    grouped_rows=grouped_rows, selects=e.selects_round(e.facims_config('facims')))))\n"
+    )
+    replies = []
+    for fraction in ("0.3", "0"):
+        result = subprocess.run(
+            [sys.executable, "-c", script, "--dataset=synthetic", f"--selection_fraction={fraction}"], cwd=REPO,
+            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
+        )
+        replies.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    held_out, whole = replies
+    assert held_out["union"] and held_out["held"] == round(0.3 * held_out["val"]) and held_out["selects"]
+    assert held_out["grouped_rows"] == held_out["upper"]  # the upper level's arrays hold only its own rows
+    cells, held_cells = np.asarray(held_out["cells_val"]), np.asarray(held_out["cells_held"])
+    assert np.all(np.abs(held_cells - 0.3 * cells) < 1.0 + 1e-9)  # every (class, group) cell split 70/30
+    assert whole["held"] == whole["upper"] == whole["val"] == whole["grouped_rows"] and not whole["selects"]
+
+
 @pytest.mark.parametrize(
     "flag,message",
     [
