@@ -51,7 +51,7 @@ import optax
 from absl import app, flags
 
 from experiments import cli, common, data_flags, sklearn_reference
-from experiments.paper import CLASS_COUNT_SOURCES, PAPER_FACIMS_CREDIT, PAPER_SEEDS, prepare
+from experiments.paper import CLASS_COUNT_SOURCES, PAPER_FACIMS_CREDIT, PAPER_SEEDS, hold_out_selection, prepare
 from fairopt import data, distributed, losses, models, sharding, sweep
 from fairopt.solvers.erm import erm, erm_hyperparams
 from fairopt.solvers.facims import METHODS, FacimsConfig, FacimsData, facims
@@ -183,12 +183,7 @@ class SeedData:
         self.class_counts = counted.class_counts  # v_bar, the balanced losses, BERM's weights
         # The FACIMS upper level's validation rows and the held-out rows its round is chosen on
         # (--selection_fraction; both the whole validation split when it is 0).
-        self.upper_val = self.selection = self.splits.val
-        if FLAGS.selection_fraction > 0:
-            self.upper_val, self.selection, _ = data.split(
-                self.splits.val, (1.0 - FLAGS.selection_fraction, FLAGS.selection_fraction, 0.0), seed=seed,
-                stratify="label_group", empty_groups="ignore",
-            )
+        self.upper_val, self.selection = hold_out_selection(self.splits.val, FLAGS.selection_fraction, seed)
         # One padded size for every seed (the dataset's largest group; padding is never sampled),
         # so that the seeds' arrays stack into one vmapped program.
         pad_to = int(max(

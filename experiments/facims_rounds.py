@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from experiments.paper import CLASS_COUNT_SOURCES, PAPER_SEEDS, prepare
+from experiments.paper import CLASS_COUNT_SOURCES, PAPER_SEEDS, hold_out_selection, prepare
 from fairopt import data, metrics, models, sweep
 from fairopt.solvers.facims import FacimsConfig, FacimsData, facims
 
@@ -55,6 +55,9 @@ def define_flags() -> None:
     flags.DEFINE_list("seeds", [str(s) for s in PAPER_SEEDS], "Seeds (paired across settings).")
     flags.DEFINE_integer("epochs", 50, "Rounds.", lower_bound=1)
     flags.DEFINE_list("hidden", ["400", "200", "100"], "MLP widths.")
+    flags.DEFINE_float("selection_fraction", 0.0, "Validation rows held out of the upper level (as experiments.facims); "
+                       "the probabilities are recorded, and the rules judged, on those rows.", lower_bound=0.0,
+                       upper_bound=0.9)
     flags.DEFINE_string("output_dir", "results/facims_rounds", "Folder of the npz and the markdown report.")
 
 def parse_setting(text: str) -> tuple[FacimsConfig, str]:
@@ -79,12 +82,21 @@ def balanced_accuracy(p1: np.ndarray, labels: np.ndarray) -> float:
     return 0.5 * (float(np.mean(predicted[labels == 1])) + float(np.mean(~predicted[labels == 0])))
 
 
-def train_and_record(settings, seeds, hidden):
-    """Per-round class-1 probabilities on validation and test: arrays [rounds, runs, rows]."""
+def train_and_record(settings, seeds, hidden, selection_fraction=0.0):
+    """Per-round class-1 probabilities on the selection rows and test: arrays [rounds, runs, rows].
+
+    With ``selection_fraction`` the upper level trains on the rest of the validation split
+    (``hold_out_selection``) and the recorded "validation" rows are the held-out ones; the
+    returned ``prepared[seed]`` is ``(splits, original_train)`` with ``splits.val`` replaced by them."""
     credit = data.credit()
-    prepared = {seed: prepare(credit, seed, 400) for seed in seeds}
+    prepared, upper = {}, {}
+    for seed in seeds:
+        splits, original = prepare(credit, seed, 400)
+        upper[seed], selection = hold_out_selection(splits.val, selection_fraction, seed)
+        prepared[seed] = (splits._replace(val=selection), original)
     pad_to = int(max(max((o.group_counts + s.val.group_counts + s.test.group_counts).max(), s.train.group_counts.max())
                      for s, o in prepared.values()))
+    pad_to = max(pad_to, max(int(u.group_counts.max()) for u in upper.values()))
     configs = [parse_setting(text) for text in settings]
     if len(sweep.group_by_static([c for c, _ in configs])) != 1:
         raise ValueError("--settings must differ in hyperparameters only (one compiled program)")
@@ -97,7 +109,7 @@ def train_and_record(settings, seeds, hidden):
         for seed in seeds:
             splits, original = prepared[seed]
             params = models.make_model("mlp", 2, splits.train.num_features, jax.random.key(seed), hidden=hidden)[0]
-            grouped = FacimsData(data.group_arrays(splits.train, pad_to=pad_to), data.group_arrays(splits.val, pad_to=pad_to))
+            grouped = FacimsData(data.group_arrays(splits.train, pad_to=pad_to), data.group_arrays(upper[seed], pad_to=pad_to))
             class_counts = splits.train.class_counts if counts == "resampled" else original.class_counts
             runs.append((jax.random.key(seed + 1), params, config.hyperparams(), class_counts, original.group_counts, grouped))
     keys, params, hyperparams, class_counts, group_counts, grouped = (sweep.stack([r[i] for r in runs]) for i in range(6))
@@ -177,7 +189,7 @@ def main(argv):
             parse_setting(text)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    val, test, prepared = train_and_record(settings, seeds, hidden)
+    val, test, prepared = train_and_record(settings, seeds, hidden, FLAGS.selection_fraction)
     rows, table = judge(val, test, prepared, settings, seeds)
     output = Path(FLAGS.output_dir)
     output.mkdir(parents=True, exist_ok=True)

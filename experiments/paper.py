@@ -39,3 +39,15 @@ def prepare(dataset: data.Dataset, seed: int, samples_per_group: int, *,
     if samples_per_group:
         splits = splits._replace(train=data.resample_per_group(original_train, samples_per_group, seed=seed))
     return splits, original_train
+
+
+def hold_out_selection(val: data.Dataset, fraction: float, seed: int) -> tuple[data.Dataset, data.Dataset]:
+    """``(upper, selection)``: the validation rows the FACIMS upper level trains on and the
+    ``fraction`` held out from it (stratified by (class, group) cell), on which a FACIMS run's
+    round is chosen and its validation metrics are honest. ``fraction`` 0: both are ``val``."""
+    if not fraction:
+        return val, val
+    upper, selection, _ = data.split(val, (1.0 - fraction, fraction, 0.0), seed=seed, stratify="label_group",
+                                     empty_groups="ignore")
+    return upper, selection
+
