@@ -523,3 +523,41 @@ def test_choose_skips_a_setting_with_a_diverged_seed():
             dict(method="m", setting="b", seed=0, diverged=0, val_balanced_error=7.0),
             dict(method="m", setting="b", seed=1, diverged=0, val_balanced_error=9.0)]
     assert entry.choose(rows, "balanced_error") == ("b", 8.0)
+
+
+def test_vs_gamma_reaches_every_stacked_baseline_run_and_the_autobalance_vs_init():
+    """Suspected in the second pass (equal validation scores at every gamma): gamma must reach
+    the loss of each run of the vmapped baseline grid and AutoBalance's vs init."""
+    from experiments import autobalance as entry
+    from fairopt import data, losses
+
+    rng = np.random.default_rng(0)
+    counts = np.array([40, 12, 4])
+    labels = np.repeat(np.arange(3), counts).astype(np.int32)
+    train = data.Dataset(features=(rng.normal(size=(56, 2)) + labels[:, None]).astype(np.float32), labels=labels,
+                         groups=np.zeros(56, np.int32), class_names=("a", "b", "c"), group_names=("all",),
+                         feature_names=("x0", "x1"), name="toy")
+    settings = entry.Settings(epochs=2, batch_size=16, hidden=())
+    model = entry._model(train, ())
+    spec = next(t for t in entry.TUNED_ROWS["longtail"] if t.method == "vs")
+    gammas, tau = (0.0, 1.0), 0.5
+    builds = [entry.tuned_baseline(spec, model["apply"], train, ab.AutoBalanceConfig(), settings, dict(gamma=g, tau=tau))
+              for g in gammas]
+    solver = builds[0][0]
+    stacked = entry.fit_runs(solver, [h for _, h in builds], [0, 0], [train, train], settings, model["init"], {}, "vs")
+    logits = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    for gamma, (_, hyper), state in zip(gammas, builds, stacked):
+        separate, = entry.fit_runs(solver, [hyper], [0], [train], settings, model["init"], {}, ("vs", gamma))
+        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(separate.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # a stacked run is its own run
+        loss_fn, _ = losses.make_parametric_loss("vs", counts)
+        np.testing.assert_allclose(  # the numbers the run trained with give Kini et al.'s loss at its gamma
+            loss_fn(logits, labels[:8], None, 0, state.hyperparams.loss_params),
+            losses.kini_vs_loss(logits, labels[:8], counts, gamma=gamma, tau=tau), rtol=1e-6)
+    difference = max(float(jnp.abs(a - b).max()) for a, b in zip(*(jax.tree_util.tree_leaves(s.params) for s in stacked)))
+    assert difference > 1e-3  # gamma 0 (LA) and gamma 1 train different models
+    for gamma in (0.1, 0.5):  # AutoBalance's vs init: the CDT ratios of its gamma
+        config = ab.AutoBalanceConfig(search_space="shift_scale", init="vs", gamma=gamma, tau=tau)
+        searcher = ab.autobalance(_linear_apply, config, class_counts=counts, num_features=2)
+        scale = np.asarray(searcher.loss_params(searcher.initial_hparams()).scale)
+        np.testing.assert_allclose(scale / scale[0], losses.cdt_scale(counts, gamma), rtol=1e-5)
