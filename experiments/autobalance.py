@@ -978,18 +978,20 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
         scores = pooled_scores(predictions, scored)  # the held-out halves together: every held-out row scored once
         rows.append(dict(dataset=dataset_name, method=AUTOBALANCE_ROW, setting=common.setting_label(points[i][0]),
                          seed=seed, diverged=int(scores is None), **{f"val_{k}": v for k, v in (scores or {}).items()}))
-    no_step = {}  # label -> the init baseline's test rows
+    no_step = {}  # label -> (the init baseline's method, its test rows)
     for method in dict.fromkeys(INIT_BASELINES[config.init] for _, config in points):
         base_rows, base_finals = init_baselines[method]
         label = f"no search: {base_rows[0]['method']} [{base_rows[0]['setting']}]"
-        no_step[label] = base_finals
+        no_step[label] = (method, base_finals)
         rows += [dict(r, method=AUTOBALANCE_ROW, setting=label) for r in base_rows]
     label, value = choose(rows, metric)
     if label in no_step:
         print(f"[{dataset_name}] {AUTOBALANCE_ROW}: {label} (val {metric} {value:.2f}, {len(points)} settings searched, "
               f"{time.perf_counter() - begin:.0f}s)", file=sys.stderr, flush=True)
         seconds = time.perf_counter() - begin  # the search that lost to the init, not the baseline's time
-        return rows, [dict(r, method=AUTOBALANCE_ROW, setting=label, seconds=seconds) for r in no_step[label]], []
+        method, base_finals = no_step[label]
+        trajectory = [row for seed in seeds for row in no_search_trajectory(method, chosen.get(method, {}), prepared[seed].train, seed)]
+        return rows, [dict(r, method=AUTOBALANCE_ROW, setting=label, seconds=seconds) for r in base_finals], trajectory
     index = next(i for i, (p, _) in enumerate(points) if common.setting_label(p) == label)
     search_states, retrain_states, _, solver, retrainer = train_grid_chunk(
         [points[index][1]] * len(seeds), list(seeds), [prepared[seed] for seed in seeds], settings, model["apply"],
@@ -1009,6 +1011,18 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
     print(f"[{dataset_name}] {AUTOBALANCE_ROW}: {label} (cross-fitted val {metric} {value:.2f}, {len(points)} settings, "
           f"{seconds:.0f}s)", file=sys.stderr, flush=True)
     return rows, finals, trajectory
+
+
+def no_search_trajectory(method: str, knobs: dict, train: data.Dataset, seed: int) -> list[dict]:
+    """Trajectory rows of the designated row when it falls back to a tuned init baseline (no
+    search step): that baseline's loss numbers ``w, l, Delta`` (:func:`fairopt.losses.make_parametric_loss`
+    at ``knobs`` and the counts of ``train``, the data its model was trained on) at epoch 0, one
+    row per class (per (class, group) for Group-LA), augmentation radius 0."""
+    _, params = losses.make_parametric_loss(method, np.maximum(train.class_counts, 1), cell_counts=train.cell_counts,
+                                            **knobs)
+    snapshot = dict(epoch=0, weight=params.weight, shift=params.shift, delta=params.scale,
+                    radius=np.zeros(train.num_classes, np.float32))
+    return _trajectory_rows(types.SimpleNamespace(trajectory=[snapshot]), AUTOBALANCE_ROW, seed, train.class_counts)
 
 
 def selected_rows(rows: list[dict], spec: str) -> list[dict]:

@@ -561,3 +561,28 @@ def test_vs_gamma_reaches_every_stacked_baseline_run_and_the_autobalance_vs_init
         searcher = ab.autobalance(_linear_apply, config, class_counts=counts, num_features=2)
         scale = np.asarray(searcher.loss_params(searcher.initial_hparams()).scale)
         np.testing.assert_allclose(scale / scale[0], losses.cdt_scale(counts, gamma), rtol=1e-5)
+
+
+def test_a_fallback_to_the_init_baseline_writes_its_loss_as_the_trajectory():
+    """The designated row that takes no search step records the tuned baseline's loss numbers
+    (before: an empty _trajectory.csv)."""
+    from experiments import autobalance as entry
+    from fairopt import data, losses
+
+    counts, cells = np.array([30, 9, 3]), np.array([[20, 10], [4, 5], [1, 2]])
+    labels = np.repeat(np.arange(3), counts).astype(np.int32)
+    groups = np.concatenate([np.repeat([0, 1], row) for row in cells]).astype(np.int32)
+    train = data.Dataset(features=np.zeros((42, 2), np.float32), labels=labels, groups=groups,
+                         class_names=("a", "b", "c"), group_names=("g0", "g1"), feature_names=("x0", "x1"), name="toy")
+    la = entry.no_search_trajectory("la", {"tau": 1.5}, train, seed=3)
+    assert [(r["cls"], r["group"], r["epoch"], r["seed"], r["method"]) for r in la] == [
+        (k, -1, 0, 3, entry.AUTOBALANCE_ROW) for k in range(3)]
+    np.testing.assert_allclose([r["shift"] for r in la], 1.5 * np.log(counts / counts.sum()), rtol=1e-5)
+    assert [(r["weight"], r["delta"], r["radius"], r["class_count"]) for r in la] == [(1.0, 1.0, 0.0, n) for n in counts]
+    vs = entry.no_search_trajectory("vs", {"gamma": 0.3, "tau": 1.0}, train, seed=0)
+    np.testing.assert_allclose([r["delta"] for r in vs], losses.cdt_scale(counts, 0.3), rtol=1e-6)
+    group_la = entry.no_search_trajectory("group_la", {"tau": 1.0}, train, seed=0)
+    weight, shift = losses.group_logit_adjustment_params(cells, 1.0)
+    assert [(r["cls"], r["group"]) for r in group_la] == [(k, g) for k in range(3) for g in range(2)]
+    np.testing.assert_allclose([r["weight"] for r in group_la], weight.ravel(), rtol=1e-6)
+    np.testing.assert_allclose([r["shift"] for r in group_la], shift.ravel(), rtol=1e-5, atol=1e-6)
