@@ -586,3 +586,17 @@ def test_a_fallback_to_the_init_baseline_writes_its_loss_as_the_trajectory():
     assert [(r["cls"], r["group"]) for r in group_la] == [(k, g) for k in range(3) for g in range(2)]
     np.testing.assert_allclose([r["weight"] for r in group_la], weight.ravel(), rtol=1e-6)
     np.testing.assert_allclose([r["shift"] for r in group_la], shift.ravel(), rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_suite_grids_are_subsets_of_the_full_ones_and_a_bad_name_is_an_error():
+    from experiments import autobalance as entry
+    from fairopt import sweep as sweep_lib
+
+    def points(grid):
+        return {tuple(sorted(p.items())) for part in grid for p in sweep_lib.product(part)}
+
+    for suite in entry.SUITE_DATASETS:
+        pruned, full = points(entry.suite_grid(suite)), points(entry.suite_grid(suite, "full"))
+        assert pruned and pruned < full  # coarse to fine: a strict subset of the second pass's grid
+    with pytest.raises(ValueError, match="must be one of pruned, full"):
+        entry.suite_grid("longtail", "all")
