@@ -84,6 +84,7 @@ def main(argv):
         return out
 
     entry.run_tuned_dataset = timed_dataset
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     load_before, cpu_before = os.getloadavg(), time.process_time()
     begin = time.perf_counter()
     entry.main(argv)  # the entry point itself: its results files, under --output_dir
@@ -94,7 +95,7 @@ def main(argv):
                    compile_in_programs=float(frame["compile"].sum()),
                    programs_wall=float(frame["wall"].sum()), load_before=load_before, load_after=os.getloadavg(),
                    cache_dir=os.environ.get("FAIROPT_CACHE_DIR", "~/.cache/fairopt/jax"),
-                   commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                   commit=commit,  # the code the run imported
                    calls=CALLS)
     lines = [f"# Wall time of --suite={FLAGS.suite} ({len(seeds)} seeds, {summary['selection_folds']} folds; commit "
              f"{summary['commit']})", "",
