@@ -17,7 +17,8 @@ baseline's grid (``TUNED_ROWS``: LA tau, CDT gamma, VS gamma/tau, LDAM-DRW margi
 Group-LA tau, group DRO step; one vmapped program per method) trains on the fit part and is
 scored on the held-out part of the suite's selection splits (``SELECTION_FOLDS``: the long tail
 pools 5 folds of all training data, the groups 2 folds; held-out predictions pooled);
-AutoBalance's grid (``AUTOBALANCE_GRIDS``, each search from the loss of a tuned LA / CDT / VS /
+AutoBalance's grid (``AUTOBALANCE_GRIDS``, pruned on validation; ``--autobalance_grid=full``: the
+second pass's ``AUTOBALANCE_GRIDS_FULL``; each search from the loss of a tuned LA / CDT / VS /
 Group-LA) learns its loss on one half of a held-out part and is scored on the other half, both
 ways; the setting with the best mean validation balanced error (long tail) / worst-group error
 (groups) over the seeds is retrained on all training data and tested once. The row
@@ -736,8 +737,8 @@ TUNED_ROWS = {
 # of the suite in the second pass's full grid (reproduced to the digit by this pass's baseline run,
 # AUTOBALANCE_GRIDS_FULL): long tail l & Delta from CDT (digits_lt 7.29) and from LA (synthetic_lt
 # 17.45); groups worst_group_ce at T 0.1 (Waterbirds-like 17.92, CelebA 32.58). The dropped ones
-# (la_tau, l & Delta from VS; CE_bal^G, T 0.5) were never the best on any dataset, and a third of
-# the searches' time (docs/results_autobalance.md, "Wall time").
+# (la_tau, l & Delta from VS; CE_bal^G, T 0.5) were never the best on any dataset and took 60-65 %
+# of the searches' time (docs/results_autobalance.md, "Wall time").
 AUTOBALANCE_GRIDS = {
     "longtail": (
         {"init": ("la", "cdt"), "search_space": ("shift_scale",), "upper_learning_rate": (0.01, 0.03),
@@ -760,6 +761,8 @@ AUTOBALANCE_GRIDS_FULL = {  # the second pass's grids (a suite runs them with --
          "upper_learning_rate": (0.01, 0.03, 0.1)},
     ),
 }
+
+
 def suite_grid(suite: str, which: str = "pruned"):
     """AutoBalance's validation grid of a suite: ``"pruned"`` (:data:`AUTOBALANCE_GRIDS`) or
     ``"full"`` (:data:`AUTOBALANCE_GRIDS_FULL`, the second pass's)."""
