@@ -17,7 +17,8 @@ baseline's grid (``TUNED_ROWS``: LA tau, CDT gamma, VS gamma/tau, LDAM-DRW margi
 Group-LA tau, group DRO step; one vmapped program per method) trains on the fit part and is
 scored on the held-out part of the suite's selection splits (``SELECTION_FOLDS``: the long tail
 pools 5 folds of all training data, the groups 2 folds; held-out predictions pooled);
-AutoBalance's grid (``AUTOBALANCE_GRIDS``, each search from the loss of a tuned LA / CDT / VS /
+AutoBalance's grid (``AUTOBALANCE_GRIDS``, pruned on validation; ``--autobalance_grid=full``: the
+second pass's ``AUTOBALANCE_GRIDS_FULL``; each search from the loss of a tuned LA / CDT / VS /
 Group-LA) learns its loss on one half of a held-out part and is scored on the other half, both
 ways; the setting with the best mean validation balanced error (long tail) / worst-group error
 (groups) over the seeds is retrained on all training data and tested once. The row
@@ -134,6 +135,8 @@ flags.DEFINE_float("imbalance_factor", None, "rho = n_max / n_min (default: digi
 flags.DEFINE_integer("celeba_rows", 20000, "Rows of CelebA used for training (+ half as many for test).",
                      lower_bound=100, upper_bound=135000)  # 1.5 x rows <= the 202,599 rows of CelebA
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Random seeds.")
+flags.DEFINE_enum("autobalance_grid", "pruned", ("pruned", "full"), "--suite: AutoBalance's validation grid "
+                  "(AUTOBALANCE_GRIDS; full: the second pass's, AUTOBALANCE_GRIDS_FULL).")
 flags.DEFINE_integer("selection_folds", 0, "--suite: folds of the training data on which every method's settings are "
                      "scored, pooled (1: the fixed search-validation split; 0: the suite's SELECTION_FOLDS).", lower_bound=0)
 flags.DEFINE_string("output_dir", "results", "Folder for the results files.")
@@ -729,7 +732,24 @@ TUNED_ROWS = {
 # Long tail: l & Delta without a trust region was the worst searched setting on validation in the
 # first pass (digits_lt 7.84, synthetic_lt 19.41 against 6.84 / 16.02 with radius 0.5), so l & Delta
 # keeps radius 0.5 only.
+# Third pass (coarse to fine, on pooled validation only): each suite keeps the search families
+# (init x search space x objective) that were the best AutoBalance family on at least one dataset
+# of the suite in the second pass's full grid (reproduced to the digit by this pass's baseline run,
+# AUTOBALANCE_GRIDS_FULL): long tail l & Delta from CDT (digits_lt 7.29) and from LA (synthetic_lt
+# 17.45); groups worst_group_ce at T 0.1 (Waterbirds-like 17.92, CelebA 32.58). The dropped ones
+# (la_tau, l & Delta from VS; CE_bal^G, T 0.5) were never the best on any dataset and took 60-65 %
+# of the searches' time (docs/results_autobalance.md, "Wall time").
 AUTOBALANCE_GRIDS = {
+    "longtail": (
+        {"init": ("la", "cdt"), "search_space": ("shift_scale",), "upper_learning_rate": (0.01, 0.03),
+         "trust_radius": (0.5,)},
+    ),
+    "groups": (
+        {"init": ("group_la",), "val_objective": ("worst_group_ce",), "val_temperature": (0.1,),
+         "upper_learning_rate": (0.01, 0.03, 0.1)},
+    ),
+}
+AUTOBALANCE_GRIDS_FULL = {  # the second pass's grids (a suite runs them with --autobalance_grid=full)
     "longtail": (
         {"init": ("la",), "search_space": ("la_tau",), "upper_learning_rate": (0.01, 0.03), "trust_radius": (0.5, None)},
         {"init": ("la", "cdt", "vs"), "search_space": ("shift_scale",), "upper_learning_rate": (0.01, 0.03),
@@ -741,6 +761,17 @@ AUTOBALANCE_GRIDS = {
          "upper_learning_rate": (0.01, 0.03, 0.1)},
     ),
 }
+
+
+def suite_grid(suite: str, which: str = "pruned"):
+    """AutoBalance's validation grid of a suite: ``"pruned"`` (:data:`AUTOBALANCE_GRIDS`) or
+    ``"full"`` (:data:`AUTOBALANCE_GRIDS_FULL`, the second pass's)."""
+    grids = {"pruned": AUTOBALANCE_GRIDS, "full": AUTOBALANCE_GRIDS_FULL}
+    if which not in grids:
+        raise ValueError(f"AutoBalance grid must be one of {', '.join(grids)}, got {which!r}")
+    return grids[which][suite]
+
+
 INIT_BASELINES = {"la": "la", "cdt": "cdt", "vs": "vs", "group_la": "group_la"}  # init -> tuned baseline
 INIT_KNOBS = ("tau", "gamma")  # the baselines' knobs that are AutoBalanceConfig fields of the init
 AUTOBALANCE_ROW = "AutoBalance (selected on validation)"
@@ -873,7 +904,7 @@ def choose(rows: list[dict], metric: str) -> tuple[str, float]:
 
 
 def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, *, imbalance_factor=None,
-                      celeba_rows: int = 20000, folds: int | None = None) -> tuple[list[dict], list[dict]]:
+                      celeba_rows: int = 20000, folds: int | None = None, grid=None) -> tuple[list[dict], list[dict]]:
     """One dataset of a tuned suite. Every method: (1) each setting of its grid trains on the fit
     part of each of the ``folds`` splits (:func:`selection_splits`; default
     :data:`SELECTION_FOLDS`) and is scored on its held-out part, pooled; (2) the setting with the
@@ -881,6 +912,7 @@ def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, 
     and is tested once. AutoBalance: (1) each setting searches its loss on one half of a held-out
     part and is scored on the other half, both ways (:func:`validation_folds`), pooled over the
     splits; (2) the chosen setting searches on the search-validation split and retrains.
+    ``grid``: AutoBalance's validation grid (default :data:`AUTOBALANCE_GRIDS` of the suite).
 
     Returns:
       ``(test rows of the chosen settings, validation rows of every setting, trajectory rows)``.
@@ -931,12 +963,12 @@ def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, 
         print(f"[{dataset_name}] {spec.name}: {label or 'no knobs'} (val {metric} {value:.2f}, {len(points)} settings, "
               f"{seconds:.0f}s)", file=sys.stderr, flush=True)
     rows, finals, trajectory = tune_autobalance(dataset_name, suite, seeds, settings, prepared, model, chosen,
-                                                init_baselines, splits)
+                                                init_baselines, splits, grid or AUTOBALANCE_GRIDS[suite])
     return results + finals, validation + rows, trajectory
 
 
 def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, prepared: dict, model: dict,
-                     chosen: dict, init_baselines: dict, splits: dict) -> tuple[list[dict], list[dict], list]:
+                     chosen: dict, init_baselines: dict, splits: dict, grid) -> tuple[list[dict], list[dict], list]:
     """AutoBalance's part of :func:`run_tuned_dataset`: ``(validation rows, test rows, the learnt
     loss parameters of the test runs as trajectory rows at the last search epoch)``.
 
@@ -949,7 +981,7 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
     metric = SELECTION_METRIC[suite]
     begin = time.perf_counter()
     points = []
-    for setting, config in grid_points(settings, dataset_name, AUTOBALANCE_GRIDS[suite]):
+    for setting, config in grid_points(settings, dataset_name, grid):
         knobs = {k: v for k, v in chosen.get(INIT_BASELINES[config.init], {}).items() if k in INIT_KNOBS}
         points.append((dict(setting, **knobs), dataclasses.replace(config, **knobs)))  # init: the tuned baseline's loss
     halves = {(seed, j): validation_folds(held, seed + 100 * j) for seed in seeds for j, (_, held) in enumerate(splits[seed])}
@@ -978,18 +1010,20 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
         scores = pooled_scores(predictions, scored)  # the held-out halves together: every held-out row scored once
         rows.append(dict(dataset=dataset_name, method=AUTOBALANCE_ROW, setting=common.setting_label(points[i][0]),
                          seed=seed, diverged=int(scores is None), **{f"val_{k}": v for k, v in (scores or {}).items()}))
-    no_step = {}  # label -> the init baseline's test rows
+    no_step = {}  # label -> (the init baseline's method, its test rows)
     for method in dict.fromkeys(INIT_BASELINES[config.init] for _, config in points):
         base_rows, base_finals = init_baselines[method]
         label = f"no search: {base_rows[0]['method']} [{base_rows[0]['setting']}]"
-        no_step[label] = base_finals
+        no_step[label] = (method, base_finals)
         rows += [dict(r, method=AUTOBALANCE_ROW, setting=label) for r in base_rows]
     label, value = choose(rows, metric)
     if label in no_step:
         print(f"[{dataset_name}] {AUTOBALANCE_ROW}: {label} (val {metric} {value:.2f}, {len(points)} settings searched, "
               f"{time.perf_counter() - begin:.0f}s)", file=sys.stderr, flush=True)
         seconds = time.perf_counter() - begin  # the search that lost to the init, not the baseline's time
-        return rows, [dict(r, method=AUTOBALANCE_ROW, setting=label, seconds=seconds) for r in no_step[label]], []
+        method, base_finals = no_step[label]
+        trajectory = [row for seed in seeds for row in no_search_trajectory(method, chosen.get(method, {}), prepared[seed].train, seed)]
+        return rows, [dict(r, method=AUTOBALANCE_ROW, setting=label, seconds=seconds) for r in base_finals], trajectory
     index = next(i for i, (p, _) in enumerate(points) if common.setting_label(p) == label)
     search_states, retrain_states, _, solver, retrainer = train_grid_chunk(
         [points[index][1]] * len(seeds), list(seeds), [prepared[seed] for seed in seeds], settings, model["apply"],
@@ -1009,6 +1043,18 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
     print(f"[{dataset_name}] {AUTOBALANCE_ROW}: {label} (cross-fitted val {metric} {value:.2f}, {len(points)} settings, "
           f"{seconds:.0f}s)", file=sys.stderr, flush=True)
     return rows, finals, trajectory
+
+
+def no_search_trajectory(method: str, knobs: dict, train: data.Dataset, seed: int) -> list[dict]:
+    """Trajectory rows of the designated row when it falls back to a tuned init baseline (no
+    search step): that baseline's loss numbers ``w, l, Delta`` (:func:`fairopt.losses.make_parametric_loss`
+    at ``knobs`` and the counts of ``train``, the data its model was trained on) at epoch 0, one
+    row per class (per (class, group) for Group-LA), augmentation radius 0."""
+    _, params = losses.make_parametric_loss(method, np.maximum(train.class_counts, 1), cell_counts=train.cell_counts,
+                                            **knobs)
+    snapshot = dict(epoch=0, weight=params.weight, shift=params.shift, delta=params.scale,
+                    radius=np.zeros(train.num_classes, np.float32))
+    return _trajectory_rows(types.SimpleNamespace(trajectory=[snapshot]), AUTOBALANCE_ROW, seed, train.class_counts)
 
 
 def selected_rows(rows: list[dict], spec: str) -> list[dict]:
@@ -1191,6 +1237,8 @@ def setup(argv):
         grid, select = parse_sweep()
         if grid and FLAGS.suite != "none":
             raise ValueError(f"--grid sweeps --methods=autobalance on one --dataset; drop --suite={FLAGS.suite} or --grid")
+        if FLAGS["autobalance_grid"].present and FLAGS.suite == "none":
+            raise ValueError("--autobalance_grid chooses the grid of a --suite; add --suite=longtail or groups, or use --grid")
         if FLAGS.suite != "none":
             ignored = [f"--{name}" for name in ("dataset", "methods", "data", "group") if FLAGS[name].present]
             if ignored:
@@ -1200,7 +1248,7 @@ def setup(argv):
                                  "checkpoints: run it again without --resume")
             datasets, rows = SUITE_DATASETS[FLAGS.suite], None
             overrides = [{}]
-            grid = AUTOBALANCE_GRIDS[FLAGS.suite]  # checked below like a --grid
+            grid = suite_grid(FLAGS.suite, FLAGS.autobalance_grid)  # checked below like a --grid
         else:
             datasets = (FLAGS.dataset,)
             if data_flags.uses_table(FLAGS):  # own CSV, or celeba_blond with another --group
@@ -1253,7 +1301,7 @@ def main(argv):
     data_options = dict(imbalance_factor=FLAGS.imbalance_factor, celeba_rows=FLAGS.celeba_rows)
     if FLAGS.suite != "none":
         for name, (results, trajectories, validation, seconds) in run_suite(
-                FLAGS.suite, seeds, settings, folds=FLAGS.selection_folds or None, **data_options).items():
+                FLAGS.suite, seeds, settings, folds=FLAGS.selection_folds or None, grid=grid, **data_options).items():
             write(name, results, trajectories, seeds, config=config, overwrite=FLAGS.overwrite,
                   output_dir=FLAGS.output_dir, validation_rows=validation, seconds=seconds)
         outputs = {}

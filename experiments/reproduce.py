@@ -178,7 +178,7 @@ NOTES = {
         "Tabular stand-ins for CIFAR10-LT: sklearn digits (rho = 10) and 10 Gaussian classes (rho = 100); "
         "an MLP 128-64, 30–60 epochs instead of ResNet-32 and 300 epochs; the paper column is CIFAR10-LT.",
         "Every method's knobs (LA tau, CDT gamma, VS gamma/tau, LDAM-DRW margin/scale, AutoBalance's init "
-        "(the tuned LA, CDT or VS loss), search space, upper step and trust radius) are chosen on 5 pooled "
+        "(the tuned LA or CDT loss; the grid was pruned on validation), upper step) are chosen on 5 pooled "
         "validation folds of the training data (docs/results_autobalance.md); upper optimiser Adam (official "
         "SGD 0.05), Neumann alpha 0.1.",
         "Direction of the learnt parameters: with the loss σ(Δ_y) f_y + l_y, minority classes get the "
@@ -198,8 +198,8 @@ NOTES = {
         "come from constant predictors (worst-group error 100 %), the failure the paper's Table 3 caption "
         "mentions.",
         "With the blend validation objective, the search drives the loss towards the blend's degenerate "
-        "minimiser on imbalanced validation data, so the suite's AutoBalance grid uses CE_bal^G and the "
-        "smoothed worst-cell objective worst_group_ce instead (docs/results_autobalance.md).",
+        "minimiser on imbalanced validation data, so the suite's AutoBalance grid uses the smoothed worst-cell "
+        "objective worst_group_ce instead (CE_bal^G too with --autobalance_grid=full; docs/results_autobalance.md).",
         "The CE_bal^G and Group-LA blends of Fig. 5 are per-example losses (1 − λ) CE + λ ℓ_reg trained "
         "with the same optimiser, data and evaluation as the entry point's baselines "
         "(`experiments/reproduce_worker.py`); the CE_deo blend is the entry point's batch-level "

@@ -523,3 +523,80 @@ def test_choose_skips_a_setting_with_a_diverged_seed():
             dict(method="m", setting="b", seed=0, diverged=0, val_balanced_error=7.0),
             dict(method="m", setting="b", seed=1, diverged=0, val_balanced_error=9.0)]
     assert entry.choose(rows, "balanced_error") == ("b", 8.0)
+
+
+def test_vs_gamma_reaches_every_stacked_baseline_run_and_the_autobalance_vs_init():
+    """Suspected in the second pass (equal validation scores at every gamma): gamma must reach
+    the loss of each run of the vmapped baseline grid and AutoBalance's vs init."""
+    from experiments import autobalance as entry
+    from fairopt import data, losses
+
+    rng = np.random.default_rng(0)
+    counts = np.array([40, 12, 4])
+    labels = np.repeat(np.arange(3), counts).astype(np.int32)
+    train = data.Dataset(features=(rng.normal(size=(56, 2)) + labels[:, None]).astype(np.float32), labels=labels,
+                         groups=np.zeros(56, np.int32), class_names=("a", "b", "c"), group_names=("all",),
+                         feature_names=("x0", "x1"), name="toy")
+    settings = entry.Settings(epochs=2, batch_size=16, hidden=())
+    model = entry._model(train, ())
+    spec = next(t for t in entry.TUNED_ROWS["longtail"] if t.method == "vs")
+    gammas, tau = (0.0, 1.0), 0.5
+    builds = [entry.tuned_baseline(spec, model["apply"], train, ab.AutoBalanceConfig(), settings, dict(gamma=g, tau=tau))
+              for g in gammas]
+    solver = builds[0][0]
+    stacked = entry.fit_runs(solver, [h for _, h in builds], [0, 0], [train, train], settings, model["init"], {}, "vs")
+    logits = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    for gamma, (_, hyper), state in zip(gammas, builds, stacked):
+        separate, = entry.fit_runs(solver, [hyper], [0], [train], settings, model["init"], {}, ("vs", gamma))
+        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(separate.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # a stacked run is its own run
+        loss_fn, _ = losses.make_parametric_loss("vs", counts)
+        np.testing.assert_allclose(  # the numbers the run trained with give Kini et al.'s loss at its gamma
+            loss_fn(logits, labels[:8], None, 0, state.hyperparams.loss_params),
+            losses.kini_vs_loss(logits, labels[:8], counts, gamma=gamma, tau=tau), rtol=1e-6)
+    difference = max(float(jnp.abs(a - b).max()) for a, b in zip(*(jax.tree_util.tree_leaves(s.params) for s in stacked)))
+    assert difference > 1e-3  # gamma 0 (LA) and gamma 1 train different models
+    for gamma in (0.1, 0.5):  # AutoBalance's vs init: the CDT ratios of its gamma
+        config = ab.AutoBalanceConfig(search_space="shift_scale", init="vs", gamma=gamma, tau=tau)
+        searcher = ab.autobalance(_linear_apply, config, class_counts=counts, num_features=2)
+        scale = np.asarray(searcher.loss_params(searcher.initial_hparams()).scale)
+        np.testing.assert_allclose(scale / scale[0], losses.cdt_scale(counts, gamma), rtol=1e-5)
+
+
+def test_a_fallback_to_the_init_baseline_writes_its_loss_as_the_trajectory():
+    """The designated row that takes no search step records the tuned baseline's loss numbers
+    (before: an empty _trajectory.csv)."""
+    from experiments import autobalance as entry
+    from fairopt import data, losses
+
+    counts, cells = np.array([30, 9, 3]), np.array([[20, 10], [4, 5], [1, 2]])
+    labels = np.repeat(np.arange(3), counts).astype(np.int32)
+    groups = np.concatenate([np.repeat([0, 1], row) for row in cells]).astype(np.int32)
+    train = data.Dataset(features=np.zeros((42, 2), np.float32), labels=labels, groups=groups,
+                         class_names=("a", "b", "c"), group_names=("g0", "g1"), feature_names=("x0", "x1"), name="toy")
+    la = entry.no_search_trajectory("la", {"tau": 1.5}, train, seed=3)
+    assert [(r["cls"], r["group"], r["epoch"], r["seed"], r["method"]) for r in la] == [
+        (k, -1, 0, 3, entry.AUTOBALANCE_ROW) for k in range(3)]
+    np.testing.assert_allclose([r["shift"] for r in la], 1.5 * np.log(counts / counts.sum()), rtol=1e-5)
+    assert [(r["weight"], r["delta"], r["radius"], r["class_count"]) for r in la] == [(1.0, 1.0, 0.0, n) for n in counts]
+    vs = entry.no_search_trajectory("vs", {"gamma": 0.3, "tau": 1.0}, train, seed=0)
+    np.testing.assert_allclose([r["delta"] for r in vs], losses.cdt_scale(counts, 0.3), rtol=1e-6)
+    group_la = entry.no_search_trajectory("group_la", {"tau": 1.0}, train, seed=0)
+    weight, shift = losses.group_logit_adjustment_params(cells, 1.0)
+    assert [(r["cls"], r["group"]) for r in group_la] == [(k, g) for k in range(3) for g in range(2)]
+    np.testing.assert_allclose([r["weight"] for r in group_la], weight.ravel(), rtol=1e-6)
+    np.testing.assert_allclose([r["shift"] for r in group_la], shift.ravel(), rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_suite_grids_are_subsets_of_the_full_ones_and_a_bad_name_is_an_error():
+    from experiments import autobalance as entry
+    from fairopt import sweep as sweep_lib
+
+    def points(grid):
+        return {tuple(sorted(p.items())) for part in grid for p in sweep_lib.product(part)}
+
+    for suite in entry.SUITE_DATASETS:
+        pruned, full = points(entry.suite_grid(suite)), points(entry.suite_grid(suite, "full"))
+        assert pruned and pruned < full  # coarse to fine: a strict subset of the second pass's grid
+    with pytest.raises(ValueError, match="must be one of pruned, full"):
+        entry.suite_grid("longtail", "all")
