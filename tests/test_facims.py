@@ -98,7 +98,7 @@ def test_hypergradient_of_v_matches_finite_differences():
     """d/dv of the upper objective through Z^a*(Z, v): implicit (exact inverse) vs central
     differences of the objective at the re-solved inner optimum, on a tiny linear model."""
     dataset, params, apply_fn = _tiny_problem(seed=1)
-    config = FacimsConfig(method="facims_i", num_mc=1, alpha_low=1.0, inverse="exact", init_std=0.3)
+    config = FacimsConfig(method="facims_i", num_mc=1, alpha_low=1.0, inverse="exact", init_std=0.3, damping=0.0)
     with jax.enable_x64(True):
         params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
         parts = facims_parts(apply_fn, config, class_counts=dataset.class_counts, group_counts=dataset.group_counts)
