@@ -75,7 +75,7 @@ def test_without_sharpness_the_middle_step_is_kl_regularised_vs_training():
     g = 1
     q, xi, (x, y, mask) = _index(local_q, g), _index(noise, g), _index(batch, g)
     prior = np.asarray(dataset.class_counts, np.float64)
-    shift = jnp.asarray(np.log(prior / prior.sum()), jnp.float32)
+    shift = jnp.asarray(config.tau * np.log(prior / prior.sum()), jnp.float32)  # v_bar = tau log pi
 
     def objective(q):
         def loss_at(n):
@@ -427,7 +427,7 @@ def test_whole_validation_upper_objective_averages_every_row_of_the_group():
     value, divergence, logits, rounds = upper_and_round(data.group_arrays(dataset, pad_to=pad), reordered)
     rows = dataset.groups == g
     prior = np.asarray(dataset.class_counts, np.float64) / np.sum(dataset.class_counts)
-    log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[rows] + np.log(prior)))
+    log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[rows] + config.tau * np.log(prior)))
     expected = config.alpha_up * float(divergence) - np.mean(log_probs[np.arange(rows.sum()), dataset.labels[rows]])
     np.testing.assert_allclose(float(value), expected, rtol=1e-5)
     chex.assert_trees_all_close(sweep.take(rounds, 0), sweep.take(rounds, 1), rtol=1e-4, atol=1e-6)
