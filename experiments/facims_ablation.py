@@ -58,8 +58,8 @@ FACTORS = {
     "local_reparameterisation": ("pre-activation noise fresh per row (local reparameterisation, the official code's "
                                  "layers) instead of one weight draw per forward pass", ["--local_reparameterisation"]),
     "rounds_100": ("100 rounds instead of 50", ["--epochs=100"]),
-    "hidden_100": ("MLP with one hidden layer of 100 units instead of 400-200-100", ["--hidden=100"]),
-    "hidden_32": ("MLP with one hidden layer of 32 units instead of 400-200-100", ["--hidden=32"]),
+    "hidden_100": ("MLP with one hidden layer of 100 units instead of the default 32", ["--hidden=100"]),
+    "paper_network": ("the papers' 400-200-100 MLP instead of the default one layer of 32 units", ["--hidden=400,200,100"]),
     "sigmoid_output": ("sigmoid on the network output before the softmax (the official code's defect; diagnosis only)",
                        ["--output_activation=sigmoid"]),
     "best_round": ("the round of highest validation BA instead of the last (the upper level trains on that split: biased)",
