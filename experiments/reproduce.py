@@ -67,9 +67,9 @@ same code compiles less).
 ====================== ============================================================= ============
 suite                  what                                                          wall time
 ====================== ============================================================= ============
-facims_credit          FACIMS/ERM/BERM x 5 seeds, FACIMS-I/II/FAMS x 3 seeds,          30–55 min
+facims_credit          FACIMS/ERM/BERM x 5 seeds, FACIMS-I/II/FAMS x 3 seeds,          2–6 min  
                        FACIMS x 4 alpha_low x 3 seeds; 50 rounds each
-facims_drug            FACIMS/ERM/BERM x 3 seeds, 50 rounds                            4–8 min
+facims_drug            FACIMS/ERM/BERM x 3 seeds, 50 rounds                            1–3 min
 autobalance_longtail   6 methods tuned on validation x 3 seeds x 2 datasets             8–25 min
 autobalance_groups     8 methods tuned on validation x 3 seeds x 2 datasets + Fig. 5   8–25 min
 fairalm_celeba         eta grid + 5 methods x 3 seeds (2 epochs) + 6-epoch profiles    3–12 min
