@@ -67,7 +67,7 @@ same code compiles less).
 ====================== ============================================================= ============
 suite                  what                                                          wall time
 ====================== ============================================================= ============
-facims_credit          FACIMS/ERM/BERM x 5 seeds, FACIMS-I/II/FAMS x 3 seeds,          2–6 min  
+facims_credit          FACIMS/ERM/BERM x 5 seeds, FACIMS-I/II/FAMS x 3 seeds,          2–6 min
                        FACIMS x 4 alpha_low x 3 seeds; 50 rounds each
 facims_drug            FACIMS/ERM/BERM x 3 seeds, 50 rounds                            1–3 min
 autobalance_longtail   6 methods tuned on validation x 3 seeds x 2 datasets             8–25 min
