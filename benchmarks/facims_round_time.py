@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -61,8 +62,8 @@ def build(setting, splits, original, seed):
         return lambda state_and_best: (step(state_and_best[0], grouped)[0], None), (state, None)
     init_best, update_best = best_iterate_tracker(solver.predict, num_classes=2)
     update_best = jax.jit(update_best)
-    x, y = jax.numpy.asarray(selection.features), jax.numpy.asarray(selection.labels)
-    mask = jax.numpy.ones(len(selection), bool)
+    x, y = jnp.asarray(selection.features), jnp.asarray(selection.labels)
+    mask = jnp.ones(len(selection), bool)
 
     def round_with_selection(state_and_best):
         state, best = state_and_best

@@ -723,7 +723,7 @@ TUNED_ROWS = {
 }
 # AutoBalance's validation grid per suite (its other settings: AutoBalanceConfig / the flags): a
 # union of Cartesian products. Every search starts from the loss of a tuned baseline that lies in
-# its search space (INIT_BASELINES: init -> baseline; the init takes that baseline's chosen tau /
+# its search space (INIT_BASELINES: the init of the baseline's name; it takes that baseline's chosen tau /
 # gamma), and each of those baselines is one more candidate of the designated row (the search with
 # no step), so the selection never does worse on validation than any of them ("do no harm").
 # Groups: the paper's blend objective lost to its Group-LA init on validation at every upper step
@@ -772,7 +772,7 @@ def suite_grid(suite: str, which: str = "pruned"):
     return grids[which][suite]
 
 
-INIT_BASELINES = {"la": "la", "cdt": "cdt", "vs": "vs", "group_la": "group_la"}  # init -> tuned baseline
+INIT_BASELINES = ("la", "cdt", "vs", "group_la")  # inits that are a tuned baseline's loss (same name)
 INIT_KNOBS = ("tau", "gamma")  # the baselines' knobs that are AutoBalanceConfig fields of the init
 AUTOBALANCE_ROW = "AutoBalance (selected on validation)"
 SELECTION_METRIC = {"longtail": "balanced_error", "groups": "worst_group_error"}
@@ -819,6 +819,24 @@ def pooled_scores(predictions: list, held_out: list[data.Dataset]) -> dict[str, 
         return None
     scored = functools.reduce(_concat, held_out)
     return evaluate(np.concatenate(predictions), scored)
+
+
+def record_held_out(held_out: dict, key, solver, state, scored: data.Dataset) -> None:
+    """Append one run's held-out probabilities (None if it diverged) and data to ``held_out[key]``."""
+    predictions, parts = held_out.setdefault(key, ([], []))
+    predictions.append(predict_in_batches(solver.predict, state, scored.features) if _finite(state) else None)
+    parts.append(scored)
+
+
+def pooled_validation_rows(held_out: dict, dataset_name: str, method: str) -> list[dict]:
+    """One validation row per ``(setting, seed)`` key of ``held_out``: its parts scored together
+    (:func:`pooled_scores`), ``diverged`` 1 and no scores if any part diverged."""
+    rows = []
+    for (setting, seed), (predictions, scored) in held_out.items():
+        scores = pooled_scores(predictions, scored)
+        rows.append(dict(dataset=dataset_name, method=method, setting=setting, seed=seed, diverged=int(scores is None),
+                         **{f"val_{k}": v for k, v in (scores or {}).items()}))
+    return rows
 
 
 def validation_folds(search_val: data.Dataset, seed: int) -> list[tuple[data.Dataset, data.Dataset]]:
@@ -936,14 +954,8 @@ def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, 
                           select_data, settings, model["init"], cache, (spec.name, "select"))
         held_out: dict = {}  # (setting, seed) -> ([probabilities or None], [held-out data])
         for (point, seed, (_, scored)), state in zip(runs, states):
-            entry = held_out.setdefault((common.setting_label(point), seed), ([], []))
-            entry[0].append(predict_in_batches(solver.predict, state, scored.features) if _finite(state) else None)
-            entry[1].append(scored)
-        rows = []
-        for (setting, seed), (predictions, scored) in held_out.items():
-            scores = pooled_scores(predictions, scored)
-            rows.append(dict(dataset=dataset_name, method=spec.name, setting=setting, seed=seed,
-                             diverged=int(scores is None), **{f"val_{k}": v for k, v in (scores or {}).items()}))
+            record_held_out(held_out, (common.setting_label(point), seed), solver, state, scored)
+        rows = pooled_validation_rows(held_out, dataset_name, spec.name)
         validation += rows
         label, value = choose(rows, metric)
         point = next(p for p in points if common.setting_label(p) == label)
@@ -958,7 +970,7 @@ def run_tuned_dataset(dataset_name: str, suite: str, seeds, settings: Settings, 
             val = next(r for r in rows if r["setting"] == label and r["seed"] == seed).get(f"val_{metric}", float("nan"))
             results.append(dict(dataset=dataset_name, method=spec.name, setting=label, seed=seed, seconds=seconds,
                                 diverged=int(scores is None), **{f"val_{metric}": val}, **(scores or {})))
-        if spec.method in INIT_BASELINES.values():
+        if spec.method in INIT_BASELINES:
             init_baselines[spec.method] = ([r for r in rows if r["setting"] == label], results[-len(seeds):])
         print(f"[{dataset_name}] {spec.name}: {label or 'no knobs'} (val {metric} {value:.2f}, {len(points)} settings, "
               f"{seconds:.0f}s)", file=sys.stderr, flush=True)
@@ -972,7 +984,7 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
     """AutoBalance's part of :func:`run_tuned_dataset`: ``(validation rows, test rows, the learnt
     loss parameters of the test runs as trajectory rows at the last search epoch)``.
 
-    ``chosen``: each baseline's chosen knobs; an init starts at its baseline's (``INIT_BASELINES``).
+    ``chosen``: each baseline's chosen knobs; an init starts at those of the baseline of its name (``INIT_BASELINES``).
     ``init_baselines``: ``{method: (validation rows, test rows)}`` of the tuned baselines whose
     losses are AutoBalance's inits; those used by the grid are candidates too (no step).
     ``splits``: ``{seed: [(fit, held-out)]}`` (:func:`selection_splits`): a setting searches on
@@ -982,12 +994,12 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
     begin = time.perf_counter()
     points = []
     for setting, config in grid_points(settings, dataset_name, grid):
-        knobs = {k: v for k, v in chosen.get(INIT_BASELINES[config.init], {}).items() if k in INIT_KNOBS}
+        knobs = {k: v for k, v in chosen.get(config.init, {}).items() if k in INIT_KNOBS}
         points.append((dict(setting, **knobs), dataclasses.replace(config, **knobs)))  # init: the tuned baseline's loss
     halves = {(seed, j): validation_folds(held, seed + 100 * j) for seed in seeds for j, (_, held) in enumerate(splits[seed])}
     size = min(len(fit) for pair in halves.values() for fit, _ in pair)  # equal validation shapes: one program
     cache: dict = {}
-    held_out: dict = {}  # (point index, seed) -> [(probabilities, held-out data)] or None (diverged)
+    held_out: dict = {}  # (setting, seed) -> ([probabilities or None], [held-out data])
     for group in sweep.group_by_static([c for _, c in points]):
         runs = [(i, seed, (j, half)) for i in group for seed in seeds for j in range(len(splits[seed])) for half in range(2)]
         by_data: dict = {}
@@ -1001,17 +1013,11 @@ def tune_autobalance(dataset_name: str, suite: str, seeds, settings: Settings, p
                 [points[i][1] for (i, _, _), _ in members], [seed for (_, seed, _), _ in members],
                 [part for _, part in members], settings, model["apply"], model["init"], cache=cache, retrain=False)
             for ((i, seed, (j, half)), _), state in zip(members, search_states):
-                scored = halves[(seed, j)][half][1]
-                entry = held_out.setdefault((i, seed), ([], []))
-                entry[0].append(predict_in_batches(solver.predict, state, scored.features) if _finite(state) else None)
-                entry[1].append(scored)
-    rows = []
-    for (i, seed), (predictions, scored) in held_out.items():
-        scores = pooled_scores(predictions, scored)  # the held-out halves together: every held-out row scored once
-        rows.append(dict(dataset=dataset_name, method=AUTOBALANCE_ROW, setting=common.setting_label(points[i][0]),
-                         seed=seed, diverged=int(scores is None), **{f"val_{k}": v for k, v in (scores or {}).items()}))
+                record_held_out(held_out, (common.setting_label(points[i][0]), seed), solver, state,
+                                halves[(seed, j)][half][1])
+    rows = pooled_validation_rows(held_out, dataset_name, AUTOBALANCE_ROW)  # every held-out row scored once
     no_step = {}  # label -> (the init baseline's method, its test rows)
-    for method in dict.fromkeys(INIT_BASELINES[config.init] for _, config in points):
+    for method in dict.fromkeys(config.init for _, config in points):
         base_rows, base_finals = init_baselines[method]
         label = f"no search: {base_rows[0]['method']} [{base_rows[0]['setting']}]"
         no_step[label] = (method, base_finals)

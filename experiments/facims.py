@@ -176,13 +176,17 @@ def runs_per_program(num_runs: int) -> int:
     return -(-chunk // size) * size
 
 
+def prepare_from_flags(dataset, seed: int):
+    """:func:`experiments.paper.prepare` with ``--samples_per_group`` and ``--split``."""
+    return prepare(dataset, seed, FLAGS.samples_per_group, fixed_split=FLAGS.split == "fixed")
+
+
 class SeedData:
     """Everything a seed's runs share: splits, the counts that set the loss, grouped arrays."""
 
     def __init__(self, seed: int):
         dataset, _ = data_flags.load_from_flags(FLAGS, default_dataset=FLAGS.dataset, seed=seed)
-        self.splits, self.original_train = prepare(dataset, seed, FLAGS.samples_per_group,
-                                                        fixed_split=FLAGS.split == "fixed")
+        self.splits, self.original_train = prepare_from_flags(dataset, seed)
         counted = self.splits.train if FLAGS.class_counts_from == "resampled" else self.original_train
         self.class_counts = counted.class_counts  # v_bar, the balanced losses, BERM's weights
         # The FACIMS upper level's validation rows and the held-out rows its round is chosen on
@@ -438,7 +442,7 @@ def setup(argv):
                 raise ValueError(f"--shard_groups: {error}") from None
         described = data_flags.check_data_flags(  # the data load and split for every seed, or a usage error
             FLAGS, default_dataset=FLAGS.dataset, seeds=seeds,
-            prepare=lambda d, s: prepare(d, s, FLAGS.samples_per_group, fixed_split=FLAGS.split == "fixed"),
+            prepare=prepare_from_flags,
         )
         num_groups = len(seed_data(seeds[0]).original_train.group_counts) if FLAGS.shard_groups > 1 else 1
         if num_groups % FLAGS.shard_groups:

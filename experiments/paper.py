@@ -50,4 +50,3 @@ def hold_out_selection(val: data.Dataset, fraction: float, seed: int) -> tuple[d
     upper, selection, _ = data.split(val, (1.0 - fraction, fraction, 0.0), seed=seed, stratify="label_group",
                                      empty_groups="ignore")
     return upper, selection
-

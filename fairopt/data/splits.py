@@ -206,25 +206,25 @@ def facims_split(dataset: Dataset, *, seed: int, empty_groups: str = "warn", fix
     dataset = _check_dataset(dataset)
     seed = check_seed(seed)
     if fixed:
-        rest, test, train_in_rest, val_in_rest = _official_split_indices(dataset.labels)
+        train, val, test = _official_split_rows(dataset.labels)
     else:
         rng = np.random.default_rng(seed)
         rest, test = stratified_partition(dataset.labels.astype(np.int64), np.array([0.7, 0.3]), rng)
         train_in_rest, val_in_rest = stratified_partition(
             dataset.labels[rest].astype(np.int64), np.array([0.7, 0.3]), rng
         )
-    splits = Splits(dataset.subset(rest[train_in_rest]), dataset.subset(rest[val_in_rest]), dataset.subset(test))
+        train, val = rest[train_in_rest], rest[val_in_rest]
+    splits = Splits(dataset.subset(train), dataset.subset(val), dataset.subset(test))
     _check_empty_groups(dataset, splits, (0.49, 0.21, 0.30), empty_groups)
     return splits
-
 
 
 OFFICIAL_SPLIT_RANDOM_STATE = 42  # the FACIMS official code's train_test_split(random_state=42)
 
 
-def _official_split_indices(labels: np.ndarray):
-    """``(rest, test, train_in_rest, val_in_rest)`` of the official code's two label-stratified
-    ``train_test_split`` calls (30 % test, then 30 % of the rest), as sorted index arrays."""
+def _official_split_rows(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, val, test)`` rows of the official code's two label-stratified ``train_test_split``
+    calls (30 % test, then 30 % of the rest), each sorted (row order, as the per-seed split)."""
     try:
         from sklearn.model_selection import train_test_split
     except ImportError:  # pragma: no cover - depends on the environment
@@ -232,13 +232,11 @@ def _official_split_indices(labels: np.ndarray):
             "facims_split(fixed=True) reproduces scikit-learn's train_test_split and needs scikit-learn: "
             "pip install 'fairopt[data]' (or pip install scikit-learn)"
         ) from None
-    rows = np.arange(len(labels))
-    rest, test = train_test_split(rows, test_size=0.3, random_state=OFFICIAL_SPLIT_RANDOM_STATE, stratify=labels)
+    rest, test = train_test_split(np.arange(len(labels)), test_size=0.3, random_state=OFFICIAL_SPLIT_RANDOM_STATE,
+                                  stratify=labels)
     train, val = train_test_split(rest, test_size=0.3, random_state=OFFICIAL_SPLIT_RANDOM_STATE, stratify=labels[rest])
-    rest = np.sort(rest)  # every part in row order, as the per-seed split
-    position = np.empty(len(labels), np.int64)
-    position[rest] = np.arange(len(rest))
-    return rest, np.sort(test), np.sort(position[train]), np.sort(position[val])
+    return np.sort(train), np.sort(val), np.sort(test)
+
 
 class FeatureStatistics(NamedTuple):
     """Per-column ``mean`` and ``scale`` (float64 ``[d]``) of a standardisation."""
